@@ -1,0 +1,323 @@
+"""InternEvo tokenized ("ftdp") shards: discovery, .meta indexes, lazy token reads.
+
+Startup reads only the ``.bin.meta`` files. Token lines are parsed when a pack
+that needs them is built, from a memory map of the shard, so any rank (or
+DataLoader worker) can build the index independently in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad dataset input; the message names the file (and line) and what to do."""
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """The kept samples of one shard, in file order.
+
+    ``line_numbers`` are 0-based line (= meta row) indices of the kept samples;
+    ``offsets`` their byte offsets; ``lengths`` their token counts.
+    """
+
+    relative_path: str
+    path: str
+    type_id: int
+    line_numbers: np.ndarray  # int32
+    offsets: np.ndarray  # int64
+    lengths: np.ndarray  # int64
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+@dataclass(frozen=True)
+class TokenizedCorpus:
+    """What ``load_intern_repo_tokenized_dataset`` returns: the indexed shards of a folder."""
+
+    folder: str
+    shards: tuple[ShardIndex, ...]
+    type_names: tuple[str, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.shards)
+
+
+def load_intern_repo_tokenized_dataset(
+    folder: str | os.PathLike[str],
+    min_length: int = 0,
+    data_order_path: str | os.PathLike[str] | None = None,
+    file_type: str = ".bin",
+    min_length_dict: Mapping[str, int] | None = None,
+) -> TokenizedCorpus:
+    """Discover and index the shards of an ftdp folder (data.md sections 1 and 2)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found; check dataset_folder / folder=")
+    if min_length < 0:
+        raise DataError(f"min_length must be >= 0, got {min_length}")
+    if data_order_path is not None:
+        relative_paths = read_data_order(data_order_path, root, file_type)
+    else:
+        relative_paths = discover_shards(root, file_type)
+    if not relative_paths:
+        raise DataError(
+            f"{root}: no '*{file_type}' shard in this folder; point dataset_folder at an ftdp "
+            "folder (or set file_type=)"
+        )
+    type_names = tuple(sorted(os.listdir(root)))
+    shards = []
+    for relative in relative_paths:
+        threshold = _min_length_for(relative, min_length, min_length_dict)
+        shard = index_shard(root, relative, type_names, threshold)
+        if shard.num_samples == 0:
+            logger.info("%s: no sample of length >= %d; skipped", shard.path, threshold)
+            continue
+        shards.append(shard)
+    if not shards:
+        raise DataError(
+            f"{root}: every sample was removed (min_length={min_length}"
+            f"{', min_length_dict=' + repr(dict(min_length_dict)) if min_length_dict else ''}); "
+            "lower min_length"
+        )
+    return TokenizedCorpus(folder=str(root), shards=tuple(shards), type_names=type_names)
+
+
+def discover_shards(root: Path, file_type: str = ".bin") -> list[str]:
+    """Relative '/'-joined shard paths in Python string order (data.md section 2)."""
+    found = []
+    for directory, _, files in os.walk(root, followlinks=True):
+        for name in files:
+            if name.endswith(file_type):
+                relative = os.path.relpath(os.path.join(directory, name), root)
+                found.append(relative.replace(os.sep, "/"))
+    return sorted(found)
+
+
+def read_data_order(
+    order_path: str | os.PathLike[str], root: Path, file_type: str = ".bin"
+) -> list[str]:
+    """XTuner's data-order file: one relative shard path per line, blank lines ignored.
+
+    A listed file that does not exist is an error; shards that are not listed are
+    not loaded (and the count is logged as a warning).
+    """
+    order_file = Path(order_path)
+    if not order_file.is_file():
+        raise DataError(f"{order_file}: data_order_path not found; write one with 'evotune data order'")
+    listed: list[str] = []
+    seen: set[str] = set()
+    for number, line in enumerate(order_file.read_text().splitlines(), start=1):
+        relative = line.strip()
+        if not relative:
+            continue
+        if not (root / relative).is_file():
+            raise DataError(
+                f"{order_file}:{number}: {relative!r} does not exist under {root}; "
+                "regenerate the order file or fix the path"
+            )
+        if relative in seen:
+            raise DataError(f"{order_file}:{number}: {relative!r} is listed twice")
+        seen.add(relative)
+        listed.append(relative)
+    unlisted = len(set(discover_shards(root, file_type)) - seen)
+    if unlisted:
+        logger.warning(
+            "%s lists %d shards; %d other '*%s' files under %s are not loaded",
+            order_file,
+            len(listed),
+            unlisted,
+            file_type,
+            root,
+        )
+    return listed
+
+
+def write_data_order(folder: str | os.PathLike[str], output: str | os.PathLike[str],
+                     file_type: str = ".bin") -> int:
+    """Write the default shard order of a folder as a data-order file; returns the count."""
+    relative_paths = discover_shards(Path(folder), file_type)
+    if not relative_paths:
+        raise DataError(f"{folder}: no '*{file_type}' shard to list")
+    destination = Path(output)
+    temporary = destination.with_name(destination.name + ".tmp")
+    temporary.write_text("".join(p + "\n" for p in relative_paths))
+    temporary.replace(destination)
+    return len(relative_paths)
+
+
+def _min_length_for(relative: str, default: int, by_substring: Mapping[str, int] | None) -> int:
+    if not by_substring:
+        return default
+    matches = [key for key in by_substring if key in relative]
+    if len(matches) > 1:
+        raise DataError(
+            f"min_length_dict: keys {matches} all match {relative!r}; at most one key may match a file"
+        )
+    return by_substring[matches[0]] if matches else default
+
+
+def read_meta(meta_path: str) -> np.ndarray:
+    """The (rows, columns) index of a shard; 0 bytes or 0 rows mean an empty shard."""
+    if os.path.getsize(meta_path) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    try:
+        meta = np.load(meta_path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"{meta_path}: not a NumPy .npy index ({error}); rebuild the .meta") from None
+    if meta.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    if meta.ndim != 2 or meta.shape[1] < 2 or not np.issubdtype(meta.dtype, np.integer):
+        raise DataError(
+            f"{meta_path}: expected a 2-D integer array (offset, ..., length), got "
+            f"shape {meta.shape} dtype {meta.dtype}; rebuild the .meta"
+        )
+    return meta
+
+
+def index_shard(
+    root: Path, relative: str, type_names: Sequence[str], min_length: int = 0
+) -> ShardIndex:
+    path = root / relative
+    top_level = relative.split("/")[0]
+    if "/" not in relative:
+        raise DataError(
+            f"{path}: every shard must lie under a top-level type folder (cn/, en/, ...); move it"
+        )
+    resolved = os.path.realpath(path)
+    meta_path = resolved + ".meta"
+    if not os.path.exists(meta_path):
+        raise DataError(f"{path}: missing index {meta_path}; rebuild it with 'evotune data tokenize'")
+    meta = read_meta(meta_path)
+    offsets = meta[:, 0].astype(np.int64)
+    lengths = meta[:, -1].astype(np.int64)
+    _check_meta_against_file(resolved, meta_path, offsets, lengths)
+    keep = np.flatnonzero(lengths >= min_length) if min_length > 0 else np.arange(len(lengths))
+    return ShardIndex(
+        relative_path=relative,
+        path=resolved,
+        type_id=type_names.index(top_level),
+        line_numbers=keep.astype(np.int32),
+        offsets=offsets[keep],
+        lengths=lengths[keep],
+    )
+
+
+def _check_meta_against_file(
+    path: str, meta_path: str, offsets: np.ndarray, lengths: np.ndarray
+) -> None:
+    """Cheap startup checks (O(1) reads): the meta fits the file and ends on its last line.
+
+    Full per-line checks happen as lines are read; ``evotune data inspect --verify``
+    reads every line.
+    """
+    if len(offsets) == 0:
+        return
+    size = os.path.getsize(path)
+    if np.any(lengths < 0) or np.any(offsets < 0):
+        raise DataError(f"{meta_path}: negative offset or length; rebuild the .meta")
+    if len(offsets) > 1 and np.any(np.diff(offsets) <= 0):
+        row = int(np.flatnonzero(np.diff(offsets) <= 0)[0]) + 1
+        raise DataError(f"{meta_path}: row {row}: offsets must increase; rebuild the .meta")
+    if offsets[0] != 0:
+        raise DataError(f"{meta_path}: row 0 offset is {offsets[0]}, expected 0; rebuild the .meta")
+    last = int(offsets[-1])
+    if last >= size:
+        raise DataError(
+            f"{meta_path}: row {len(offsets) - 1} offset {last} is past the end of {path} "
+            f"({size} bytes); the meta does not belong to this .bin"
+        )
+    with open(path, "rb") as handle:
+        handle.seek(last - 1 if last > 0 else 0)
+        tail = handle.read(size - last + 1 if last > 0 else size)
+    body = tail[1:] if last > 0 else tail
+    if last > 0 and tail[:1] != b"\n":
+        raise DataError(
+            f"{meta_path}: row {len(offsets) - 1} offset {last} points into the middle of a line "
+            f"of {path}; rebuild the .meta"
+        )
+    newline = body.find(b"\n")
+    if newline != -1 and newline != len(body) - 1:
+        lines_after = body.count(b"\n", newline + 1) + (0 if body.endswith(b"\n") else 1)
+        raise DataError(
+            f"{meta_path}: has {len(offsets)} rows but {path} has at least "
+            f"{len(offsets) + lines_after} lines; rebuild the .meta"
+        )
+
+
+class ShardReader:
+    """Reads samples of shards through per-process memory maps; safe to pickle."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        return {}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self._maps = {}
+
+    def _map(self, path: str) -> mmap.mmap:
+        mapped = self._maps.get(path)
+        if mapped is None:
+            with open(path, "rb") as handle:
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[path] = mapped
+        return mapped
+
+    def read(self, shard: ShardIndex, sample: int) -> np.ndarray:
+        """Tokens (int64, sign kept) of the shard's ``sample``-th kept sample, checked."""
+        mapped = self._map(shard.path)
+        offset = int(shard.offsets[sample])
+        line = int(shard.line_numbers[sample]) + 1
+        where = f"{shard.path}:{line}"
+        if offset >= len(mapped):
+            raise DataError(f"{where}: meta offset {offset} is past the end of the file; rebuild the .meta")
+        if offset > 0 and mapped[offset - 1] != 0x0A:
+            raise DataError(f"{where}: meta offset {offset} points into the middle of a line; rebuild the .meta")
+        end = mapped.find(b"\n", offset)
+        raw = mapped[offset : end if end != -1 else len(mapped)]
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError as error:
+            raise DataError(f"{where}: not a JSON line ({error}); fix or drop the line") from None
+        if not isinstance(record, dict) or "tokens" not in record:
+            raise DataError(f"{where}: the JSON object has no 'tokens' key")
+        tokens = record["tokens"]
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in tokens
+        ):
+            raise DataError(f"{where}: 'tokens' must be a list of integers")
+        expected = int(shard.lengths[sample])
+        if len(tokens) != expected:
+            raise DataError(
+                f"{where}: {len(tokens)} tokens but the meta says {expected}; rebuild the .meta"
+            )
+        return np.asarray(tokens, dtype=np.int64)
+
+    def close(self) -> None:
+        for mapped in self._maps.values():
+            mapped.close()
+        self._maps.clear()
