@@ -283,6 +283,8 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
             if ok:
                 return True, converted
         return False, value
+    if hint is Any:
+        return True, value
     if hint is type(None):
         return value is None, value
     if hint is bool:

@@ -77,6 +77,7 @@ class PackedDataset:
         self.segment_limit = packed_length if pack_mode == "xtuner" else segment_limit
         self.plans = tuple(self._plan(shard) for shard in corpus.shards)
         self.pack_starts = np.cumsum([0] + [p.num_packs for p in self.plans], dtype=np.int64)
+        self.vocab_size: int | None = None  # set by the trainer from the model's embeddings
         self._reader = ShardReader()
         for plan in self.plans:
             if plan.num_packs == 0:
@@ -141,6 +142,8 @@ class PackedDataset:
         for position in range(first, last + 1):
             sample_index = int(plan.stream_order[position])
             sample = self._reader.read(plan.shard, sample_index)
+            if self.vocab_size is not None:
+                self._check_vocab(plan.shard, sample_index, sample)
             sample_end = int(plan.stream_ends[position])
             sample_start = sample_end - len(sample)
             low = max(start, sample_start) - sample_start
@@ -173,6 +176,15 @@ class PackedDataset:
             "cu_seqlens": cu_seqlens,
             "type_ids": np.full(length, plan.shard.type_id, dtype=np.int64),
         }
+
+    def _check_vocab(self, shard: ShardIndex, sample_index: int, sample: np.ndarray) -> None:
+        largest = int(np.abs(sample).max()) if len(sample) else 0
+        if largest >= self.vocab_size:
+            line = int(shard.line_numbers[sample_index]) + 1
+            raise DataError(
+                f"{shard.path}:{line}: token id {largest} >= the model's vocab size "
+                f"{self.vocab_size}; the data was tokenized for another model"
+            )
 
     def _segment_boundaries(self, fragment_ends: list[int]) -> np.ndarray:
         limit = self.segment_limit

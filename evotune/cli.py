@@ -1,0 +1,111 @@
+"""Command line: thin parsing that dispatches to plain functions; exit code = result."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evotune",
+        description="Train Hugging Face causal LMs on InternEvo tokenized (ftdp) data.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train from a config file")
+    train.add_argument("config", help="Python config file (XTuner style)")
+    train.add_argument("--work-dir", help="output folder (default ./work_dirs/<config stem>)")
+    train.add_argument(
+        "--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
+        help="override settings, e.g. max_length=2048 lr=1e-5 train_dataset.seed=7",
+    )
+    train.add_argument("--seed", type=int, help="shortcut for --cfg-options seed=N")
+    train.add_argument(
+        "--resume", metavar="auto|PATH",
+        help="continue from the newest complete checkpoint in the work dir (auto) or from PATH",
+    )
+    train.add_argument(
+        "--deepspeed", metavar="NAME_OR_JSON",
+        help="deepspeed_zero1|2|3, deepspeed_zero2_offload, deepspeed_zero3_offload or a JSON file",
+    )
+    train.add_argument(
+        "--launcher", choices=["none", "pytorch", "slurm"], default="none",
+        help="slurm: one process per srun task; otherwise torchrun via NPROC_PER_NODE/NNODES",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+    data = commands.add_parser("data", help="ftdp dataset tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="TOOL")
+    order = data_commands.add_parser("order", help="write a data-order file for a folder")
+    order.add_argument("folder")
+    order.add_argument("-o", "--output", required=True)
+    order.add_argument("--file-type", default=".bin")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "data":
+            return _data(args)
+    except KeyboardInterrupt:
+        print("evotune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the one place that turns errors into exit codes
+        return _report(error)
+    return EXIT_FAILURE
+
+
+def _report(error: BaseException) -> int:
+    from .config import ConfigError
+    from .data.ftdp import DataError
+
+    if isinstance(error, ConfigError | DataError):
+        print(f"evotune: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    traceback.print_exc()
+    print(f"evotune: error: {type(error).__name__}: {error}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.run import run_training
+
+    overrides = list(args.cfg_options)
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    return run_training(
+        config_path=Path(args.config),
+        overrides=overrides,
+        work_dir=args.work_dir,
+        resume=args.resume,
+        deepspeed=args.deepspeed,
+        launcher=args.launcher,
+        show_progress=not args.no_progress and sys.stderr.isatty() or os.environ.get("EVOTUNE_PROGRESS") == "1",
+    )
+
+
+def _data(args: argparse.Namespace) -> int:
+    from .data.ftdp import write_data_order
+
+    if args.data_command == "order":
+        count = write_data_order(args.folder, args.output, args.file_type)
+        print(f"wrote {count} shard paths to {args.output}")
+        return 0
+    return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())
