@@ -25,20 +25,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="Python config file (XTuner style)")
     train.add_argument("--work-dir", help="output folder (default ./work_dirs/<config stem>)")
     train.add_argument(
-        "--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
+        "--cfg-options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
         help="override settings, e.g. max_length=2048 lr=1e-5 train_dataset.seed=7",
     )
     train.add_argument("--seed", type=int, help="shortcut for --cfg-options seed=N")
     train.add_argument(
-        "--resume", metavar="auto|PATH",
+        "--resume",
+        metavar="auto|PATH",
         help="continue from the newest complete checkpoint in the work dir (auto) or from PATH",
     )
     train.add_argument(
-        "--deepspeed", metavar="NAME_OR_JSON",
+        "--deepspeed",
+        metavar="NAME_OR_JSON",
         help="deepspeed_zero1|2|3, deepspeed_zero2_offload, deepspeed_zero3_offload or a JSON file",
     )
     train.add_argument(
-        "--launcher", choices=["none", "pytorch", "slurm"], default="none",
+        "--launcher",
+        choices=["none", "pytorch", "slurm"],
+        default="none",
         help="slurm: one process per srun task; otherwise torchrun via NPROC_PER_NODE/NNODES",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -62,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("evotune: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:  # noqa: BLE001 - the one place that turns errors into exit codes
+    except Exception as error:
         return _report(error)
     return EXIT_FAILURE
 
@@ -92,7 +99,8 @@ def _train(args: argparse.Namespace) -> int:
         resume=args.resume,
         deepspeed=args.deepspeed,
         launcher=args.launcher,
-        show_progress=not args.no_progress and sys.stderr.isatty() or os.environ.get("EVOTUNE_PROGRESS") == "1",
+        show_progress=(not args.no_progress and sys.stderr.isatty())
+        or os.environ.get("EVOTUNE_PROGRESS") == "1",
     )
 
 

@@ -168,7 +168,10 @@ def _execute(source: Path, top_level_overrides: Mapping[str, Any]) -> dict[str, 
     if top_level_overrides:
         tree = _OverrideAssignments(top_level_overrides).visit(tree)
         ast.fix_missing_locations(tree)
-    namespace: dict[str, Any] = {"__file__": str(source.resolve()), "__name__": "__evotune_config__"}
+    namespace: dict[str, Any] = {
+        "__file__": str(source.resolve()),
+        "__name__": "__evotune_config__",
+    }
     try:
         exec(compile(tree, str(source), "exec"), namespace)
     except Exception as error:
@@ -460,7 +463,8 @@ def render_config(settings: TrainConfig, header: str = "") -> str:
         value = getattr(settings, f.name)
         lines.append(f"{f.name} = {_render_value(value, imports, 0)}")
     import_lines = [
-        f"from {module} import {', '.join(sorted(names))}" for module, names in sorted(imports.items())
+        f"from {module} import {', '.join(sorted(names))}"
+        for module, names in sorted(imports.items())
     ]
     head = [f"# evotune config, {header}".rstrip(", ")] if header else []
     return "\n".join([*head, *import_lines, "", *lines]) + "\n"
@@ -479,7 +483,11 @@ def _render_value(value: Any, imports: dict[str, set[str]], indent: int) -> str:
         return "{" + inner + "}"
     if isinstance(value, list | tuple):
         inner = ", ".join(_render_value(v, imports, indent) for v in value)
-        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+        return (
+            f"[{inner}]"
+            if isinstance(value, list)
+            else f"({inner}{',' if len(value) == 1 else ''})"
+        )
     if callable(value):
         module, name = value.__module__, value.__qualname__
         if "." in name:  # a bound classmethod such as AutoModel.from_pretrained

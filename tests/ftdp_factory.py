@@ -24,8 +24,14 @@ def write_shard(path: Path, samples: Sequence[Sequence[int]], meta_dtype=np.int6
     return path
 
 
-def random_samples(rng: np.random.Generator, count: int, vocab: int, low: int = 2, high: int = 40,
-                   masked_prefix: bool = True) -> list[list[int]]:
+def random_samples(
+    rng: np.random.Generator,
+    count: int,
+    vocab: int,
+    low: int = 2,
+    high: int = 40,
+    masked_prefix: bool = True,
+) -> list[list[int]]:
     samples = []
     for _ in range(count):
         length = int(rng.integers(low, high + 1))

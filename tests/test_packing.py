@@ -11,8 +11,13 @@ from hypothesis import strategies as st
 from evotune.data import IGNORE_INDEX, build_packed_dataset, load_intern_repo_tokenized_dataset
 from evotune.data.ftdp import DataError
 
-WORKED_EXAMPLE = [[11, 12], [-21, -22, 23, 24, 25, 26, 27], [31, 32, 33], [41, 42, 43, 44],
-                  [51, 52, 53, 54, 55]]
+WORKED_EXAMPLE = [
+    [11, 12],
+    [-21, -22, 23, 24, 25, 26, 27],
+    [31, 32, 33],
+    [41, 42, 43, 44],
+    [51, 52, 53, 54, 55],
+]
 
 
 def _dataset(folder, **kwargs):
@@ -42,8 +47,9 @@ def test_worked_example_internevo(worked_folder):
 
 
 def test_worked_example_into_one(worked_folder):
-    ds = _dataset(worked_folder, packed_length=6, max_length_per_sample=3,
-                  pack_mode="internevo_into_one")
+    ds = _dataset(
+        worked_folder, packed_length=6, max_length_per_sample=3, pack_mode="internevo_into_one"
+    )
     p0 = ds[0]
     assert p0["input_ids"].tolist() == [31, 32, 33, 11, 12, 51]
     assert p0["labels"].tolist() == [32, 33, -100, 12, -100, -100]
@@ -117,7 +123,7 @@ def _reference_internevo(samples, seed, packed, limit):
     for k in perm:
         s = samples[k]
         stream.extend(s)
-        labels.extend(list(s[1:]) + [IGNORE_INDEX])
+        labels.extend([*list(s[1:]), IGNORE_INDEX])
         sample_edges.append(len(stream))
     packs = []
     for p in range(len(stream) // packed):
@@ -146,8 +152,10 @@ def _reference_internevo(samples, seed, packed, limit):
 def test_internevo_matches_reference(tmp_path_factory, lengths, packed, limit_fraction, seed):
     folder = tmp_path_factory.mktemp("prop")
     rng = np.random.default_rng(seed)
-    samples = [[int(x) * (1 if rng.random() < 0.7 else -1) for x in rng.integers(1, 99, n)]
-               for n in lengths]
+    samples = [
+        [int(x) * (1 if rng.random() < 0.7 else -1) for x in rng.integers(1, 99, n)]
+        for n in lengths
+    ]
     write_shard(folder / "en" / "a.bin", samples)
     limit = max(1, int(packed * limit_fraction))
     ds = _dataset(folder, packed_length=packed, max_length_per_sample=limit, seed=seed)
@@ -164,8 +172,11 @@ def test_internevo_matches_reference(tmp_path_factory, lengths, packed, limit_fr
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 1000), packed=st.integers(2, 64),
-       mode=st.sampled_from(["internevo", "internevo_into_one", "xtuner"]))
+@given(
+    seed=st.integers(0, 1000),
+    packed=st.integers(2, 64),
+    mode=st.sampled_from(["internevo", "internevo_into_one", "xtuner"]),
+)
 def test_pack_invariants(tmp_path_factory, seed, packed, mode):
     folder = tmp_path_factory.mktemp("inv")
     rng = np.random.default_rng(seed)

@@ -126,7 +126,9 @@ def read_data_order(
     """
     order_file = Path(order_path)
     if not order_file.is_file():
-        raise DataError(f"{order_file}: data_order_path not found; write one with 'evotune data order'")
+        raise DataError(
+            f"{order_file}: data_order_path not found; write one with 'evotune data order'"
+        )
     listed: list[str] = []
     seen: set[str] = set()
     for number, line in enumerate(order_file.read_text().splitlines(), start=1):
@@ -155,8 +157,9 @@ def read_data_order(
     return listed
 
 
-def write_data_order(folder: str | os.PathLike[str], output: str | os.PathLike[str],
-                     file_type: str = ".bin") -> int:
+def write_data_order(
+    folder: str | os.PathLike[str], output: str | os.PathLike[str], file_type: str = ".bin"
+) -> int:
     """Write the default shard order of a folder as a data-order file; returns the count."""
     relative_paths = discover_shards(Path(folder), file_type)
     if not relative_paths:
@@ -186,7 +189,9 @@ def read_meta(meta_path: str) -> np.ndarray:
     try:
         meta = np.load(meta_path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
-        raise DataError(f"{meta_path}: not a NumPy .npy index ({error}); rebuild the .meta") from None
+        raise DataError(
+            f"{meta_path}: not a NumPy .npy index ({error}); rebuild the .meta"
+        ) from None
     if meta.size == 0:
         return np.zeros((0, 2), dtype=np.int64)
     if meta.ndim != 2 or meta.shape[1] < 2 or not np.issubdtype(meta.dtype, np.integer):
@@ -209,7 +214,9 @@ def index_shard(
     resolved = os.path.realpath(path)
     meta_path = resolved + ".meta"
     if not os.path.exists(meta_path):
-        raise DataError(f"{path}: missing index {meta_path}; rebuild it with 'evotune data tokenize'")
+        raise DataError(
+            f"{path}: missing index {meta_path}; rebuild it with 'evotune data tokenize'"
+        )
     meta = read_meta(meta_path)
     offsets = meta[:, 0].astype(np.int64)
     lengths = meta[:, -1].astype(np.int64)
@@ -294,9 +301,13 @@ class ShardReader:
         line = int(shard.line_numbers[sample]) + 1
         where = f"{shard.path}:{line}"
         if offset >= len(mapped):
-            raise DataError(f"{where}: meta offset {offset} is past the end of the file; rebuild the .meta")
+            raise DataError(
+                f"{where}: meta offset {offset} is past the end of the file; rebuild the .meta"
+            )
         if offset > 0 and mapped[offset - 1] != 0x0A:
-            raise DataError(f"{where}: meta offset {offset} points into the middle of a line; rebuild the .meta")
+            raise DataError(
+                f"{where}: meta offset {offset} points into the middle of a line; rebuild the .meta"
+            )
         end = mapped.find(b"\n", offset)
         raw = mapped[offset : end if end != -1 else len(mapped)]
         try:

@@ -88,7 +88,7 @@ def draw_mixture(subsets: list[Subset], rng: np.random.RandomState) -> np.ndarra
             chosen.append(subset.packs)
             continue
         expected = subset.weight * available
-        count = int(math.floor(expected))
+        count = math.floor(expected)
         if rng.random_sample() < expected - count:
             count += 1
         repeats, remainder = divmod(count, available) if available else (0, 0)
@@ -219,7 +219,7 @@ class InternRepoSampler:
                     "weight": subset.weight,
                     "available_packs": len(subset.packs),
                     "packs_per_epoch": round(packs, 2),
-                    "tokens_per_epoch": int(round(packs * self.dataset.packed_length)),
+                    "tokens_per_epoch": round(packs * self.dataset.packed_length),
                     "share": packs / total,
                 }
             )

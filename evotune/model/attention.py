@@ -15,6 +15,7 @@ fall back to plain causal SDPA with transformers' own mask.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -27,15 +28,22 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 KERNELS = ("sdpa", "flex_attention", "eager", "flash_attention_2")
 
 # q, k, v: (heads, tokens, head_dim) for one row; returns (tokens, heads, head_dim)
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
+Kernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor
+]
 
 
 def flash_attn_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_kernel(requested: str, device: torch.device) -> str:
+def resolve_kernel(requested: str, device: torch.device, training: bool = True) -> str:
     """'auto' -> flash-attn varlen on CUDA when installed, else SDPA."""
+    if requested == "flex_attention" and device.type == "cpu" and training:
+        raise ValueError(
+            "attn_implementation='flex_attention': FlexAttention has no backward on CPU in "
+            "PyTorch; train on CPU with 'sdpa' (flex works on CUDA)"
+        )
     if requested == "auto":
         return "flash_attention_2" if device.type == "cuda" and flash_attn_available() else "sdpa"
     if requested == "flash_attention_2" and not flash_attn_available():
@@ -52,7 +60,9 @@ def attention_name(kernel: str) -> str:
     return f"evotune_{kernel}"
 
 
-def _expand_kv(key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _expand_kv(
+    key: torch.Tensor, value: torch.Tensor, heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     groups = heads // key.shape[0]
     if groups == 1:
         return key, value
@@ -64,7 +74,7 @@ def sdpa_kernel(q, k, v, cu_seqlens, max_seqlen, scale):
     k, v = _expand_kv(k, v, q.shape[0])
     bounds = cu_seqlens.tolist()
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+    for start, end in itertools.pairwise(bounds):
         outputs.append(
             F.scaled_dot_product_attention(
                 q[:, start:end], k[:, start:end], v[:, start:end], is_causal=True, scale=scale
@@ -158,7 +168,14 @@ def _make_attention(kernel: Kernel) -> Callable[..., tuple[torch.Tensor, None]]:
     ) -> tuple[torch.Tensor, None]:
         if cu_seq_lens_q is None:
             return sdpa_attention_forward(
-                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                scaling=scaling,
+                dropout=dropout,
+                **kwargs,
             )
         if query.shape[0] != 1:
             raise ValueError("evotune varlen attention expects one flattened row (batch size 1)")
@@ -167,7 +184,9 @@ def _make_attention(kernel: Kernel) -> Callable[..., tuple[torch.Tensor, None]]:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         q, k, v = query[0], key[0], value[0]  # (heads, tokens, head_dim)
         if sequence_parallel is not None:
-            output = sequence_parallel.attention(kernel, q, k, v, cu_seq_lens_q, max_length_q, scale)
+            output = sequence_parallel.attention(
+                kernel, q, k, v, cu_seq_lens_q, max_length_q, scale
+            )
         else:
             output = kernel(q, k, v, cu_seq_lens_q, int(max_length_q or q.shape[1]), scale)
         return output.unsqueeze(0), None

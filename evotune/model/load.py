@@ -43,7 +43,10 @@ def load_model(
     """
     check_model_source(name_or_path)
     register_attention()
-    kernel = resolve_kernel(attn_implementation, torch.device(device))
+    try:
+        kernel = resolve_kernel(attn_implementation, torch.device(device))
+    except ValueError as error:
+        raise ConfigError(f"attn_implementation: {error}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=dtype, attn_implementation=attention_name(kernel)

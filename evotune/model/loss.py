@@ -43,7 +43,11 @@ def chunked_cross_entropy_sum(
         chunk_hidden = hidden[start : start + chunk_size]
         if torch.is_grad_enabled() and chunk_hidden.requires_grad:
             total = total + checkpoint(
-                _chunk_loss_sum, lm_head, chunk_hidden, chunk_labels, logit_softcap,
+                _chunk_loss_sum,
+                lm_head,
+                chunk_hidden,
+                chunk_labels,
+                logit_softcap,
                 use_reentrant=False,
             )
         else:

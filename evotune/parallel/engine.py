@@ -44,7 +44,9 @@ class PackedLossModule(nn.Module):
         return packed_loss_sum(self.model, batch, self.chunk_size, self.sequence_parallel)
 
 
-def optimizer_param_groups(model: nn.Module, weight_decay: float, scope: str) -> list[dict[str, Any]]:
+def optimizer_param_groups(
+    model: nn.Module, weight_decay: float, scope: str
+) -> list[dict[str, Any]]:
     """'all' decays every parameter (InternEvo); 'no_bias_norm' spares biases and norms (HF)."""
     parameters = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if scope == "all":

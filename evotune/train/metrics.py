@@ -59,12 +59,16 @@ class MetricsLog:
 
     def __init__(self, path: Path | None):
         self.path = path
-        self._handle = open(path, "a", buffering=1) if path is not None else None
+        # held open for the whole run, closed by close()
+        self._handle = open(path, "a", buffering=1) if path is not None else None  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
         if self._handle is None:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()
+        }
         self._handle.write(json.dumps(clean) + "\n")
 
     def close(self) -> None:

@@ -23,7 +23,9 @@ def resolve_work_dir(loaded: LoadedConfig, work_dir: str | None) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise ConfigError(f"--work-dir {path}: not writable ({error.strerror}); choose another folder") from None
+        raise ConfigError(
+            f"--work-dir {path}: not writable ({error.strerror}); choose another folder"
+        ) from None
     return path
 
 
@@ -84,8 +86,9 @@ def run_training(
             rendered = loaded.render()
             (work / "config.py").write_text(rendered)
             logger.info("resolved config (saved to %s):\n%s", work / "config.py", rendered)
-        trainer = Trainer(loaded, work, dims, resume=resolve_resume(resume, work),
-                          show_progress=show_progress)
+        trainer = Trainer(
+            loaded, work, dims, resume=resolve_resume(resume, work), show_progress=show_progress
+        )
         result = trainer.train()
         if dims.is_main:
             logger.info("done: %d steps, last checkpoint %s", result.steps, result.last_checkpoint)

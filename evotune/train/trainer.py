@@ -1,7 +1,7 @@
 """The Trainer: builds the parts in data-flow order, then runs one explicit loop.
 
-    config -> ParallelDims -> dataset -> sampler -> collate -> model -> engine
-           -> for each optimizer step: micro-batches -> loss -> clip -> update -> log/save
+config -> ParallelDims -> dataset -> sampler -> collate -> model -> engine
+       -> for each optimizer step: micro-batches -> loss -> clip -> update -> log/save
 """
 
 from __future__ import annotations
@@ -23,8 +23,14 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..config import ConfigError, LoadedConfig, TrainConfig, build_component
-from ..data import InternRepoSampler, PackCollator, PackedBatch, PackedDataset
-from ..data import build_packed_dataset, load_intern_repo_tokenized_dataset
+from ..data import (
+    InternRepoSampler,
+    PackCollator,
+    PackedBatch,
+    PackedDataset,
+    build_packed_dataset,
+    load_intern_repo_tokenized_dataset,
+)
 from ..data.ftdp import DataError
 from ..model.load import load_model
 from ..parallel.dims import ParallelDims
@@ -82,7 +88,9 @@ class Trainer:
         self.tokenizer = self._load_tokenizer()
         self.dataset = self._build_dataset()
         self.sampler = self._build_sampler()
-        self.collator = PackCollator(None if s.use_varlen_attn else self.dataset.attention_windows())
+        self.collator = PackCollator(
+            None if s.use_varlen_attn else self.dataset.attention_windows()
+        )
         self.model = load_model(
             s.pretrained_model_name_or_path,
             s.attn_implementation,
@@ -103,7 +111,12 @@ class Trainer:
         )
         self.total_steps = self._plan_total_steps()
         self.schedule = LRSchedule(
-            s.lr_schedule, s.lr, self.total_steps, s.warmup_ratio, s.resolved_eta_min(), s.init_steps
+            s.lr_schedule,
+            s.lr,
+            self.total_steps,
+            s.warmup_ratio,
+            s.resolved_eta_min(),
+            s.init_steps,
         )
         self.state = TrainState()
         if resume is not None:
@@ -135,7 +148,9 @@ class Trainer:
             )
         dataset = build_component(spec)
         if not isinstance(dataset, PackedDataset):
-            raise ConfigError("train_dataset must build a packed dataset (type=build_packed_dataset)")
+            raise ConfigError(
+                "train_dataset must build a packed dataset (type=build_packed_dataset)"
+            )
         if dataset.packed_length != s.max_length:
             raise ConfigError(
                 f"train_dataset.packed_length={dataset.packed_length} differs from max_length="
@@ -166,7 +181,7 @@ class Trainer:
             )
         longest = self.dataset.segment_limit
         positions = getattr(config, "max_position_embeddings", None)
-        if positions is not None and longest > positions and not getattr(config, "rope_scaling", None):
+        if positions is not None and longest > positions and not _has_rope_scaling(config):
             raise ConfigError(
                 f"max_length / max_length_per_sample allows segments of {longest} tokens but the "
                 f"model has max_position_embeddings={positions} and no rope scaling; lower "
@@ -207,7 +222,9 @@ class Trainer:
         stream = self._micro_batch_stream()
         try:
             while self.state.step < self.total_steps:
-                micro_batches = [b for _, b in zip(range(s.accumulative_counts), stream)]
+                micro_batches = [
+                    b for _, b in zip(range(s.accumulative_counts), stream, strict=False)
+                ]
                 if not micro_batches:
                     break
                 record = self.train_step(micro_batches)
@@ -221,13 +238,19 @@ class Trainer:
                     tok_s=f"{record['tokens_per_s']:.0f}",
                     refresh=False,
                 )
-                if not self.show_progress and self.dims.is_main and (
-                    self.state.step % s.log_interval == 0 or self.state.step == 1
+                if (
+                    not self.show_progress
+                    and self.dims.is_main
+                    and (self.state.step % s.log_interval == 0 or self.state.step == 1)
                 ):
                     logger.info(
                         "step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f",
-                        self.state.step, self.total_steps, record["loss"], record["lr"],
-                        record["grad_norm"], record["tokens_per_s"],
+                        self.state.step,
+                        self.total_steps,
+                        record["loss"],
+                        record["lr"],
+                        record["grad_norm"],
+                        record["tokens_per_s"],
                     )
                 last = self.state.step >= self.total_steps
                 if self.state.step % s.save_steps == 0 or last:
@@ -258,12 +281,16 @@ class Trainer:
                 scale = token_scale
             loss_sums.append(
                 self.engine.forward_backward(
-                    batch.to(dims.device), lambda loss, scale=scale: loss * scale, index == count - 1
+                    batch.to(dims.device),
+                    lambda loss, scale=scale: loss * scale,
+                    index == count - 1,
                 )
             )
         grad_norm = self.engine.clip_grad_norm(s.max_norm)
         if s.loss_reduction == "pack":
-            local = sum(loss / max(n, 1) for loss, n in zip(loss_sums, trainable, strict=True)) / count
+            local = (
+                sum(loss / max(n, 1) for loss, n in zip(loss_sums, trainable, strict=True)) / count
+            )
             loss = dims.all_reduce_sum([local])[0] / dims.dp_size
         else:
             loss = dims.all_reduce_sum([sum(loss_sums)])[0] / max(step_trainable, 1.0)
@@ -307,7 +334,10 @@ class Trainer:
         if not finite:
             logger.warning(
                 "step %d: non-finite loss %s or grad norm %s; update skipped (%d in a row)",
-                state.step, loss, grad_norm, state.consecutive_skips,
+                state.step,
+                loss,
+                grad_norm,
+                state.consecutive_skips,
             )
             if state.consecutive_skips >= s.max_consecutive_skipped_steps:
                 raise TrainingError(
@@ -346,19 +376,31 @@ class Trainer:
         global_batch = dims.dp_size * s.accumulative_counts * s.batch_size
         logger.info(
             "data: %d shards, %d samples, %d tokens -> %d packs of %d (%s)",
-            described["shards"], described["samples"], described["tokens"], described["packs"],
-            described["packed_length"], described["pack_mode"],
+            described["shards"],
+            described["samples"],
+            described["tokens"],
+            described["packs"],
+            described["packed_length"],
+            described["pack_mode"],
         )
         logger.info(
             "global batch = dp %d x accumulative_counts %d x batch_size %d = %d packs "
             "(%d tokens); %d optimizer steps from step %d",
-            dims.dp_size, s.accumulative_counts, s.batch_size, global_batch,
-            global_batch * s.max_length, self.total_steps, self.state.step,
+            dims.dp_size,
+            s.accumulative_counts,
+            s.batch_size,
+            global_batch,
+            global_batch * s.max_length,
+            self.total_steps,
+            self.state.step,
         )
         for row in self.sampler.mixture_table():
             logger.info(
                 "mixture: %-24s weight %.3g  packs/epoch %10.2f  tokens/epoch %12d  share %.2f%%",
-                row["subset"], row["weight"], row["packs_per_epoch"], row["tokens_per_epoch"],
+                row["subset"],
+                row["weight"],
+                row["packs_per_epoch"],
+                row["tokens_per_epoch"],
                 100 * row["share"],
             )
 
@@ -401,7 +443,9 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         if not (path / ckpt.COMPLETE_MARKER).is_file():
-            raise ConfigError(f"--resume {path}: not a complete evotune checkpoint (no COMPLETE marker)")
+            raise ConfigError(
+                f"--resume {path}: not a complete evotune checkpoint (no COMPLETE marker)"
+            )
         saved = ckpt.read_json(path / "trainer_state.json")
         if saved["dp_size"] != self.dims.dp_size:
             raise ConfigError(
@@ -433,6 +477,11 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _has_rope_scaling(config: Any) -> bool:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope.get("rope_type", rope.get("type", "default")) != "default"
 
 
 def _portable_config(hf_dir: Path) -> None:

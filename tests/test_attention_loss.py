@@ -1,0 +1,150 @@
+"""Varlen attention (no attention across segments), chunked loss, LR schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import tiny_llama_config
+from transformers import LlamaForCausalLM
+
+from evotune.data import PackedBatch
+from evotune.model.attention import (
+    attention_name,
+    flash_attn_available,
+    register_attention,
+    resolve_kernel,
+)
+from evotune.model.loss import chunked_cross_entropy_sum, packed_loss_sum
+from evotune.train.schedule import internevo_lr, xtuner_lr
+
+SEGMENTS = [5, 9, 1, 7, 3]
+BACKENDS = ["sdpa", "eager", "flex_attention"] + (
+    ["flash_attention_2"] if flash_attn_available() else []
+)
+
+
+def _row(lengths, vocab=128, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (1, sum(lengths)), generator=generator)
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return ids, positions, cu
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [False, True])
+def test_packed_row_equals_segments_alone(reference_model, backend, training):
+    register_attention()
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.load_state_dict(reference_model.state_dict())
+    model.config._attn_implementation = attention_name(backend)
+    model.train(training)
+    ids, positions, cu = _row(SEGMENTS)
+    with torch.no_grad():  # FlexAttention has no backward on CPU
+        packed = model(
+            input_ids=ids,
+            position_ids=positions,
+            use_cache=False,
+            cu_seq_lens_q=cu,
+            max_length_q=max(SEGMENTS),
+        ).logits[0]
+    start = 0
+    for length in SEGMENTS:
+        alone = reference_model(input_ids=ids[:, start : start + length], use_cache=False).logits[0]
+        torch.testing.assert_close(packed[start : start + length], alone, atol=1e-5, rtol=1e-5)
+        start += length
+
+
+def test_packed_row_differs_without_boundaries(reference_model):
+    """Sanity check of the test above: one segment over the row gives other logits."""
+    register_attention()
+    ids, positions, _ = _row(SEGMENTS)
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.load_state_dict(reference_model.state_dict())
+    model.config._attn_implementation = attention_name("sdpa")
+    whole = torch.tensor([0, sum(SEGMENTS)], dtype=torch.int32)
+    logits = model(
+        input_ids=ids,
+        position_ids=positions,
+        use_cache=False,
+        cu_seq_lens_q=whole,
+        max_length_q=sum(SEGMENTS),
+    ).logits[0]
+    alone = reference_model(input_ids=ids[:, 5:14], use_cache=False).logits[0]
+    assert not torch.allclose(logits[5:14], alone, atol=1e-3)
+
+
+def test_flex_refused_for_cpu_training():
+    with pytest.raises(ValueError, match="FlexAttention has no backward on CPU"):
+        resolve_kernel("flex_attention", torch.device("cpu"), training=True)
+    assert resolve_kernel("flex_attention", torch.device("cpu"), training=False) == "flex_attention"
+    assert resolve_kernel("auto", torch.device("cpu")) == "sdpa"
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_chunked_loss_equals_full_cross_entropy(chunk):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (23,))
+    labels[[0, 4, 5, 22]] = -100
+    ours = chunked_cross_entropy_sum(hidden, head, labels, chunk_size=chunk)
+    ours.backward()
+    grad_hidden, grad_weight = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad = None
+    head.weight.grad = None
+    reference = F.cross_entropy(head(hidden).float(), labels, ignore_index=-100, reduction="sum")
+    reference.backward()
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(grad_hidden, hidden.grad)
+    torch.testing.assert_close(grad_weight, head.weight.grad)
+
+
+def test_packed_loss_uses_labels_without_shifting(reference_model):
+    register_attention()
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.load_state_dict(reference_model.state_dict())
+    model.config._attn_implementation = attention_name("sdpa")
+    ids, positions, cu = _row([6, 4])
+    labels = torch.full_like(ids, -100)
+    labels[0, 2] = 17  # the target of position 2 is 17
+    batch = PackedBatch(ids, labels, positions, cu, 6, torch.zeros_like(ids), 1)
+    loss = packed_loss_sum(model, batch, chunk_size=3)
+    logits = reference_model(input_ids=ids[:, :6], use_cache=False).logits[0, 2]
+    expected = F.cross_entropy(logits[None].float(), torch.tensor([17]))
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_internevo_schedule_closed_form():
+    base, eta = 1e-3, 1e-5
+    lr = [internevo_lr(k, base, 100, 0.1, eta) for k in range(100)]
+    assert lr[0] == pytest.approx(base / 10)
+    assert lr[9] == pytest.approx(base)
+    assert lr[10] == pytest.approx(base)  # the peak is used twice
+    assert lr[55] == pytest.approx(eta + (base - eta) * (1 + math.cos(math.pi * 45 / 90)) / 2)
+    assert lr[99] == pytest.approx(eta + (base - eta) * (1 + math.cos(math.pi * 89 / 90)) / 2)
+    with_init = [internevo_lr(k, base, 100, 0.1, eta, init_steps=5) for k in range(20)]
+    assert with_init[:5] == [0.0] * 5 and with_init[5] == pytest.approx(base / 10)
+
+
+def test_xtuner_schedule_closed_form():
+    base = 2e-4
+    eta = 0.15 * base
+    lr = [xtuner_lr(k, base, 200, 0.025, eta) for k in range(200)]
+    assert lr[0] == pytest.approx(base / 40)
+    assert lr[4] == pytest.approx(base)
+    assert lr[5] == pytest.approx(base)
+    assert lr[199] > eta and lr[199] == pytest.approx(
+        eta + (base - eta) * (1 + math.cos(math.pi * 194 / 195)) / 2
+    )

@@ -1,0 +1,91 @@
+"""End to end through the console script: the demo trains, errors exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def evotune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "evotune.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        timeout=600,
+    )
+
+
+def test_help():
+    assert evotune("--help").returncode == 0
+    result = evotune("train", "--help")
+    assert result.returncode == 0 and "--cfg-options" in result.stdout
+
+
+def test_demo_trains_and_exports(tmp_path):
+    work = tmp_path / "demo"
+    result = evotune("train", "configs/demo.py", "--work-dir", str(work))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
+    tenth = len(records) // 10
+    first = sum(r["loss"] for r in records[:tenth]) / tenth
+    last = sum(r["loss"] for r in records[-tenth:]) / tenth
+    assert last < 0.8 * first, (first, last)
+    checkpoints = sorted(work.glob("checkpoint-*"))
+    assert len(checkpoints) == 2  # save_total_limit
+    hf = checkpoints[-1] / "hf"
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    ids = tokenizer("Explain os.path.join:\n", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    assert (work / "config.py").is_file()
+    saved = json.loads((hf / "config.json").read_text())
+    assert "evotune" not in json.dumps(saved)
+
+
+def test_config_error_is_one_line_and_exit_2(tmp_path):
+    config = tmp_path / "bad.py"
+    config.write_text("pretrained_model_name_or_path = 'x'\nlearning_rate = 1e-4\n")
+    result = evotune("train", str(config), "--work-dir", str(tmp_path / "w"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown setting 'learning_rate'" in lines[0]
+
+
+def test_missing_model_folder(tmp_path):
+    result = evotune(
+        "train",
+        "configs/demo.py",
+        "--work-dir",
+        str(tmp_path / "w"),
+        "--cfg-options",
+        f"pretrained_model_name_or_path={tmp_path / 'nope'}",
+    )
+    assert result.returncode == 2
+    assert "pretrained_model_name_or_path" in result.stderr and "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("max_length=100000", "max_position_embeddings=1024"),
+        ("dataset_folder=/nonexistent/data", "dataset folder not found"),
+    ],
+)
+def test_data_and_model_mismatch_errors(tmp_path, override, message):
+    # the demo config builds train_dataset from dataset_folder and max_length
+    result = evotune(
+        "train", "configs/demo.py", "--work-dir", str(tmp_path / "w"), "--cfg-options", override
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr.strip().splitlines()[-1]
