@@ -131,7 +131,7 @@ class InternRepoSampler:
         if not 0 <= self.dp_rank < self.dp_size:
             raise DataError(f"dp_rank={self.dp_rank} must be in [0, dp_size={self.dp_size})")
         self.dataset_weights = dict(dataset_weights) if dataset_weights else None
-        self.subsets = mixture_subsets(dataset, self.dataset_weights)
+        self.subsets = mixture_subsets(dataset, self.dataset_weights) if dataset_weights else []
         self.epoch = 0
         self.start = 0
         self._cache: tuple[int, np.ndarray] | None = None
