@@ -56,6 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument("folder")
     order.add_argument("-o", "--output", required=True)
     order.add_argument("--file-type", default=".bin")
+
+    inspect = data_commands.add_parser("inspect", help="statistics of an ftdp folder")
+    inspect.add_argument("folder")
+    inspect.add_argument("--packed-length", type=int, default=4096)
+    inspect.add_argument("--file-type", default=".bin")
+    inspect.add_argument(
+        "--meta-only",
+        action="store_true",
+        help="read only the .meta files (no per-line checks, no trainable share)",
+    )
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--plot", metavar="PNG", help="write a histogram of sample lengths")
+
+    tokenize = data_commands.add_parser(
+        "tokenize", help="JSONL text or chat messages -> ftdp shards (non-assistant tokens negated)"
+    )
+    tokenize.add_argument("inputs", nargs="+", help="JSONL files, one sample per line")
+    tokenize.add_argument("-o", "--output", required=True, help="ftdp folder to write")
+    tokenize.add_argument("--tokenizer", required=True, help="HF tokenizer folder or hub id")
+    tokenize.add_argument("--type", default="en", help="top-level type folder (default en)")
+    tokenize.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    tokenize.add_argument("--text-key", default="text")
+    tokenize.add_argument("--messages-key", default="messages")
+    tokenize.add_argument(
+        "--trained-roles", nargs="+", default=["assistant"], help="roles whose tokens carry loss"
+    )
     return parser
 
 
@@ -105,13 +131,37 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
+    from .data import tools
     from .data.ftdp import write_data_order
 
     if args.data_command == "order":
         count = write_data_order(args.folder, args.output, args.file_type)
         print(f"wrote {count} shard paths to {args.output}")
-        return 0
-    return EXIT_FAILURE
+    elif args.data_command == "inspect":
+        report = tools.inspect_folder(
+            args.folder, args.packed_length, args.file_type, read_tokens=not args.meta_only
+        )
+        print(tools.report_json(report) if args.json else tools.format_report(report))
+        if args.plot:
+            tools.plot_lengths(report, args.plot)
+            print(f"wrote {args.plot}")
+    elif args.data_command == "tokenize":
+        results = tools.tokenize_files(
+            args.inputs,
+            args.output,
+            args.tokenizer,
+            args.type,
+            args.workers,
+            args.text_key,
+            args.messages_key,
+            args.trained_roles,
+        )
+        for row in results:
+            print(
+                f"{row['shard']}: {row['samples']} samples, {row['tokens']} tokens, "
+                f"{100 * row['trainable_share']:.1f}% trained (verified)"
+            )
+    return 0
 
 
 if __name__ == "__main__":

@@ -63,16 +63,21 @@ def test_offset_mid_line(tmp_path):
     second = len(json.dumps({"tokens": [1, 2, 3, 4]})) + 1
     third = second + len(json.dumps({"tokens": [5, 6, 7, 8]})) + 1
     _write_meta(shard, [[0, 4], [second + 3, 4], [third, 4]])
-    with pytest.raises(DataError, match=r"a.bin:2: meta offset \d+ points into the middle of a line"):
+    with pytest.raises(
+        DataError, match=r"a.bin:2: meta offset \d+ points into the middle of a line"
+    ):
         _packs(tmp_path)
 
 
-@pytest.mark.parametrize("line, message", [
-    (b"not json at all", "not a JSON line"),
-    (b'{"text": "hello"}', "the JSON object has no 'tokens' key"),
-    (b'{"tokens": [1, "2", 3]}', "'tokens' must be a list of integers"),
-    (b'{"tokens": [1, 2.5, 3]}', "'tokens' must be a list of integers"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b"not json at all", "not a JSON line"),
+        (b'{"text": "hello"}', "the JSON object has no 'tokens' key"),
+        (b'{"tokens": [1, "2", 3]}', "'tokens' must be a list of integers"),
+        (b'{"tokens": [1, 2.5, 3]}', "'tokens' must be a list of integers"),
+    ],
+)
 def test_bad_lines(tmp_path, line, message):
     path = tmp_path / "en" / "a.bin"
     write_shard(path, [[1, 2, 3]])
@@ -154,7 +159,9 @@ def test_data_order_omitting_files_warns(tmp_path, caplog):
 def test_dataset_pickles_for_workers(tmp_path):
     rng = np.random.default_rng(0)
     for k in range(3):
-        write_shard(tmp_path / "en" / f"{k}.bin", [rng.integers(1, 50, 9).tolist() for _ in range(20)])
+        write_shard(
+            tmp_path / "en" / f"{k}.bin", [rng.integers(1, 50, 9).tolist() for _ in range(20)]
+        )
     dataset = build_packed_dataset(_load(tmp_path), packed_length=16)
     expected = [dataset[i]["input_ids"].tolist() for i in range(len(dataset))]
     clone = pickle.loads(pickle.dumps(dataset))

@@ -84,8 +84,13 @@ def test_sequence_parallel_sampler_matches_xtuner(thirteen_packs):
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 200), dp=st.integers(1, 8), micro=st.integers(1, 4),
-       order=st.sampled_from(["internevo", "xtuner"]), epoch=st.integers(0, 3))
+@given(
+    n=st.integers(1, 200),
+    dp=st.integers(1, 8),
+    micro=st.integers(1, 4),
+    order=st.sampled_from(["internevo", "xtuner"]),
+    epoch=st.integers(0, 3),
+)
 def test_ranks_partition_the_order(n, dp, micro, order, epoch):
     class Sized:
         def __init__(self, count):
@@ -97,8 +102,10 @@ def test_ranks_partition_the_order(n, dp, micro, order, epoch):
             return self.count
 
     data = Sized(n)
-    samplers = [InternRepoSampler(data, order=order, micro_num=micro, dp_size=dp, dp_rank=r)
-                for r in range(dp)]
+    samplers = [
+        InternRepoSampler(data, order=order, micro_num=micro, dp_size=dp, dp_rank=r)
+        for r in range(dp)
+    ]
     per_rank = [s.rank_indices(epoch).tolist() for s in samplers]
     flat = [i for indices in per_rank for i in indices]
     assert len(set(flat)) == len(flat)  # no pack twice in an epoch
@@ -113,8 +120,9 @@ def mixture_folder(tmp_path):
     rng = np.random.default_rng(0)
     for sub, shards in (("en/wiki", 2), ("en/web", 3), ("code/py", 1)):
         for k in range(shards):
-            write_shard(tmp_path / sub / f"{k}.bin",
-                        [rng.integers(1, 50, 8).tolist() for _ in range(50)])
+            write_shard(
+                tmp_path / sub / f"{k}.bin", [rng.integers(1, 50, 8).tolist() for _ in range(50)]
+            )
     return tmp_path
 
 
@@ -124,8 +132,12 @@ def test_dataset_weights_realised_shares(mixture_folder):
     sampler = InternRepoSampler(dataset, dataset_weights=weights)
     shard_subset = {"en/wiki": 0, "en/web": 1, "code/py": 2}
     pack_shards = dataset.pack_shard_ids()
-    subset_of_pack = np.array([shard_subset["/".join(dataset.plans[s].shard.relative_path.split("/")[:2])]
-                               for s in pack_shards])
+    subset_of_pack = np.array(
+        [
+            shard_subset["/".join(dataset.plans[s].shard.relative_path.split("/")[:2])]
+            for s in pack_shards
+        ]
+    )
     available = np.bincount(subset_of_pack, minlength=3)
     assert available.tolist() == [100, 150, 50]
     counts = np.zeros(3)
