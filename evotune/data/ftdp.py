@@ -37,7 +37,7 @@ class ShardIndex:
     type_id: int
     line_numbers: np.ndarray  # int32
     offsets: np.ndarray  # int64
-    lengths: np.ndarray  # int64
+    lengths: np.ndarray  # int32
 
     @property
     def num_samples(self) -> int:
@@ -228,7 +228,7 @@ def index_shard(
         type_id=type_names.index(top_level),
         line_numbers=keep.astype(np.int32),
         offsets=offsets[keep],
-        lengths=lengths[keep],
+        lengths=lengths[keep].astype(np.int32),
     )
 
 

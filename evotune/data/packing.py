@@ -34,7 +34,7 @@ class ShardPlan:
     """One shard's samples in stream order and the packs they fill."""
 
     shard: ShardIndex
-    stream_order: np.ndarray  # index into the shard's kept samples, int64
+    stream_order: np.ndarray  # index into the shard's kept samples, int32
     stream_ends: np.ndarray  # cumulative token count after each sample, int64
     num_packs: int
 
@@ -89,7 +89,7 @@ class PackedDataset:
                 )
 
     def _plan(self, shard: ShardIndex) -> ShardPlan:
-        order = np.random.RandomState(self.seed).permutation(shard.num_samples).astype(np.int64)
+        order = np.random.RandomState(self.seed).permutation(shard.num_samples).astype(np.int32)
         ends = np.cumsum(shard.lengths[order], dtype=np.int64)
         total = int(ends[-1]) if len(ends) else 0
         return ShardPlan(shard, order, ends, total // self.packed_length)
