@@ -86,16 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            return _train(args)
+            return _train(args, argv)
         if args.command == "data":
             return _data(args)
     except KeyboardInterrupt:
         print("evotune: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:
+    except Exception as error:  # the one place that turns errors into exit codes
         return _report(error)
     return EXIT_FAILURE
 
@@ -103,28 +104,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _report(error: BaseException) -> int:
     from .config import ConfigError
     from .data.ftdp import DataError
+    from .launch import record_failure
 
     if isinstance(error, ConfigError | DataError):
-        print(f"evotune: error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    traceback.print_exc()
-    print(f"evotune: error: {type(error).__name__}: {error}", file=sys.stderr)
-    return EXIT_FAILURE
+        code, cause = EXIT_USER_ERROR, str(error)
+    else:
+        traceback.print_exc()
+        code, cause = EXIT_FAILURE, f"{type(error).__name__}: {error}"
+    cause = " ".join(cause.split())  # one line, whatever the exception held
+    print(f"evotune: error: {cause}", file=sys.stderr)
+    record_failure(code, cause)
+    return code
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from . import launch
     from .train.run import run_training
 
+    if args.launcher == "slurm":
+        launch.apply_slurm_environment()
+    elif launch.wants_relaunch():
+        return launch.relaunch(argv)
     overrides = list(args.cfg_options)
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
+    if args.deepspeed is not None:
+        overrides.append(f"deepspeed={args.deepspeed}")
     return run_training(
         config_path=Path(args.config),
         overrides=overrides,
         work_dir=args.work_dir,
         resume=args.resume,
-        deepspeed=args.deepspeed,
-        launcher=args.launcher,
         show_progress=(not args.no_progress and sys.stderr.isatty())
         or os.environ.get("EVOTUNE_PROGRESS") == "1",
     )

@@ -15,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -67,12 +68,19 @@ def optimizer_param_groups(
 class Engine(Protocol):
     model: PreTrainedModel
 
-    def forward_backward(self, batch: PackedBatch, objective: Objective, sync: bool) -> float: ...
-    def clip_grad_norm(self, max_norm: float) -> float: ...
-    def step(self, lr: float) -> None: ...
-    def skip(self) -> None: ...
-    def optimizer_state(self) -> dict[str, Any]: ...
-    def load_optimizer_state(self, state: dict[str, Any]) -> None: ...
+    def forward_backward(self, batch: PackedBatch, objective: Objective, sync: bool) -> float:
+        """Forward one micro-batch, back-propagate ``objective(loss_sum)``; returns loss_sum."""
+
+    def update(self, lr: float, max_norm: float, loss_is_finite: bool) -> tuple[float, bool]:
+        """Clip and apply the accumulated gradients; returns (pre-clip norm, applied)."""
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full model weights on the main rank (None elsewhere); collective."""
+
+    def save_state(self, folder: Path, weights_saved_exactly: bool) -> None:
+        """Everything an exact resume needs beyond the HF folder; collective."""
+
+    def load_state(self, folder: Path) -> None: ...
 
 
 class TorchEngine:
@@ -130,29 +138,39 @@ class TorchEngine:
     def parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.model.parameters() if p.requires_grad)
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Global L2 norm before clipping; clips in place when max_norm > 0 and it is finite."""
-        parameters = list(self.parameters())
-        norm = torch.nn.utils.clip_grad_norm_(
-            parameters, max_norm if max_norm > 0 else math.inf, error_if_nonfinite=False
+    def update(self, lr: float, max_norm: float, loss_is_finite: bool) -> tuple[float, bool]:
+        """Global L2 norm before clipping (eps 1e-6); a non-finite norm or loss skips the step."""
+        norm = float(
+            torch.nn.utils.clip_grad_norm_(
+                list(self.parameters()), max_norm if max_norm > 0 else math.inf
+            )
         )
-        return float(norm)
-
-    def step(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        applied = loss_is_finite and math.isfinite(norm)
+        if applied:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm, applied
 
-    def skip(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
+        return self.model.state_dict() if self.dims.is_main else None
 
-    def optimizer_state(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+    def save_state(self, folder: Path, weights_saved_exactly: bool) -> None:
+        if not self.dims.is_main:
+            return
+        if not weights_saved_exactly:
+            master = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+            save_file(master, str(folder / "master_weights.safetensors"))
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
 
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
-
-    def barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
+    def load_state(self, folder: Path) -> None:
+        master = folder / "master_weights.safetensors"
+        weights = load_file(str(master if master.exists() else folder / "hf" / "model.safetensors"))
+        missing, unexpected = self.model.load_state_dict(
+            {k: v.to(torch.float32) for k, v in weights.items()}, strict=False
+        )
+        tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
+        if unexpected or set(missing) - tied:
+            raise ValueError(f"{folder}: weights do not match the model (missing {missing[:3]})")
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))

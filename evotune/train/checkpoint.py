@@ -19,7 +19,6 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,21 +50,24 @@ def latest_checkpoint(work_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def write_atomically(work_dir: Path, step: int, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` then publish tmp as checkpoint-<step> with a COMPLETE marker."""
-    final = work_dir / checkpoint_name(step)
-    temporary = work_dir / f".{final.name}.tmp"
+def temporary_folder(work_dir: Path, step: int) -> Path:
+    return work_dir / f".{checkpoint_name(step)}.tmp"
+
+
+def prepare_folder(temporary: Path) -> None:
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir(parents=True)
-    write(temporary)
-    (temporary / COMPLETE_MARKER).write_text(str(step))
+
+
+def publish(temporary: Path, final: Path) -> None:
+    """Mark ``temporary`` complete, flush it to disk, and rename it to ``final``."""
+    (temporary / COMPLETE_MARKER).write_text(final.name)
     _fsync_tree(temporary)
     if final.exists():
         shutil.rmtree(final)
     os.replace(temporary, final)
-    _fsync_directory(work_dir)
-    return final
+    _fsync_directory(final.parent)
 
 
 def prune_checkpoints(work_dir: Path, keep: int) -> list[Path]:

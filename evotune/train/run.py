@@ -71,8 +71,6 @@ def run_training(
     overrides: list[str],
     work_dir: str | None = None,
     resume: str | None = None,
-    deepspeed: str | None = None,
-    launcher: str = "none",
     show_progress: bool = True,
 ) -> int:
     from .trainer import Trainer

@@ -6,6 +6,7 @@ config -> ParallelDims -> dataset -> sampler -> collate -> model -> engine
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -17,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -34,7 +34,7 @@ from ..data import (
 from ..data.ftdp import DataError
 from ..model.load import load_model
 from ..parallel.dims import ParallelDims
-from ..parallel.engine import TorchEngine
+from ..parallel.engine import Engine, TorchEngine
 from . import checkpoint as ckpt
 from .metrics import MetricsLog, peak_flops, transformer_flops
 from .schedule import LRSchedule
@@ -91,24 +91,8 @@ class Trainer:
         self.collator = PackCollator(
             None if s.use_varlen_attn else self.dataset.attention_windows()
         )
-        self.model = load_model(
-            s.pretrained_model_name_or_path,
-            s.attn_implementation,
-            self.dims.device,
-            s.gradient_checkpointing,
-        )
+        self.model, self.engine = self._build_model_and_engine()
         self._check_model_fits_data()
-        self.engine = TorchEngine(
-            self.model,
-            self.dims,
-            lr=s.lr,
-            betas=s.betas,
-            eps=s.eps,
-            weight_decay=s.weight_decay,
-            weight_decay_scope=s.weight_decay_scope,
-            autocast_dtype=None if s.dtype == "float32" else TORCH_DTYPES[s.dtype],
-            chunk_size=s.loss_chunk_size,
-        )
         self.total_steps = self._plan_total_steps()
         self.schedule = LRSchedule(
             s.lr_schedule,
@@ -170,6 +154,50 @@ class Trainer:
             dp_rank=self.dims.dp_rank,
             dataset_weights=s.dataset_weights,
         )
+
+    def _build_model_and_engine(self) -> tuple[Any, Engine]:
+        s, dims = self.settings, self.dims
+        if s.deepspeed is None:
+            model = load_model(
+                s.pretrained_model_name_or_path,
+                s.attn_implementation,
+                dims.device,
+                s.gradient_checkpointing,
+            )
+            engine = TorchEngine(
+                model,
+                dims,
+                lr=s.lr,
+                betas=s.betas,
+                eps=s.eps,
+                weight_decay=s.weight_decay,
+                weight_decay_scope=s.weight_decay_scope,
+                autocast_dtype=None if s.dtype == "float32" else TORCH_DTYPES[s.dtype],
+                chunk_size=s.loss_chunk_size,
+            )
+            return model, engine
+        import deepspeed
+
+        from ..parallel.deepspeed_engine import DeepSpeedEngine, load_deepspeed_config, zero_stage
+
+        # deepspeed.comm must wrap the existing process group before zero.Init reads ranks
+        deepspeed.init_distributed(dist_backend="nccl" if dims.device.type == "cuda" else "gloo")
+        ds_config = load_deepspeed_config(s.deepspeed, s, dims)
+        partitioned_load = None
+        if zero_stage(ds_config) == 3:
+            # keep a live HfDeepSpeedConfig so from_pretrained loads straight into partitions
+            from transformers.integrations import HfDeepSpeedConfig
+
+            partitioned_load = HfDeepSpeedConfig(copy.deepcopy(ds_config))  # it edits its copy
+        model = load_model(
+            s.pretrained_model_name_or_path,
+            s.attn_implementation,
+            dims.device,
+            s.gradient_checkpointing,
+        )
+        engine = DeepSpeedEngine(model, dims, ds_config, s)
+        del partitioned_load
+        return model, engine
 
     def _check_model_fits_data(self) -> None:
         config = self.model.config
@@ -286,7 +314,6 @@ class Trainer:
                     index == count - 1,
                 )
             )
-        grad_norm = self.engine.clip_grad_norm(s.max_norm)
         if s.loss_reduction == "pack":
             local = (
                 sum(loss / max(n, 1) for loss, n in zip(loss_sums, trainable, strict=True)) / count
@@ -294,13 +321,11 @@ class Trainer:
             loss = dims.all_reduce_sum([local])[0] / dims.dp_size
         else:
             loss = dims.all_reduce_sum([sum(loss_sums)])[0] / max(step_trainable, 1.0)
-        finite = math.isfinite(grad_norm) and math.isfinite(loss)
+        grad_norm, finite = self.engine.update(lr, s.max_norm, math.isfinite(loss))
         if finite:
-            self.engine.step(lr)
             state.updates += 1
             state.consecutive_skips = 0
         else:
-            self.engine.skip()
             state.skipped_steps += 1
             state.consecutive_skips += 1
         state.step += 1
@@ -407,39 +432,50 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Write checkpoint-<step> atomically (main rank), keep save_total_limit of them."""
-        path = self.work_dir / ckpt.checkpoint_name(self.state.step)
-        if self.dims.is_main:
-            ckpt.write_atomically(self.work_dir, self.state.step, self._write_checkpoint)
+        """checkpoint-<step>, written to a temporary folder by every rank, then published."""
+        dims, step = self.dims, self.state.step
+        temporary = ckpt.temporary_folder(self.work_dir, step)
+        if dims.is_main:
+            ckpt.prepare_folder(temporary)
+        dims.barrier()
+        save_dtype = TORCH_DTYPES[self.settings.dtype]
+        weights = self.engine.hf_state_dict()
+        if dims.is_main:
+            self._write_hf_folder(temporary / "hf", weights, save_dtype)
+        self.engine.save_state(temporary, weights_saved_exactly=save_dtype == torch.float32)
+        dims.barrier()
+        path = self.work_dir / ckpt.checkpoint_name(step)
+        if dims.is_main:
+            torch.save(ckpt.rng_state(), temporary / "rng.pt")
+            ckpt.write_json(temporary / "trainer_state.json", self._trainer_state())
+            (temporary / "config.py").write_text(self.loaded.render())
+            ckpt.publish(temporary, path)
             removed = ckpt.prune_checkpoints(self.work_dir, self.settings.save_total_limit)
             logger.info("saved %s%s", path, f" (removed {len(removed)} old)" if removed else "")
-        self.dims.barrier()
+        dims.barrier()
         return path
 
-    def _write_checkpoint(self, folder: Path) -> None:
-        save_dtype = TORCH_DTYPES[self.settings.dtype]
-        hf_dir = folder / "hf"
-        weights = {k: v.detach().to(save_dtype) for k, v in self.model.state_dict().items()}
-        self.model.save_pretrained(hf_dir, state_dict=weights)
-        _portable_config(hf_dir)
+    def _write_hf_folder(
+        self, folder: Path, weights: dict[str, torch.Tensor], dtype: torch.dtype
+    ) -> None:
+        cast = {k: v.detach().to(dtype).contiguous() for k, v in weights.items()}
+        self.model.save_pretrained(folder, state_dict=cast)
+        _portable_config(folder)
         if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(hf_dir)
-        if save_dtype != torch.float32:
-            master = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-            save_file(master, str(folder / "master_weights.safetensors"))
-        torch.save(self.engine.optimizer_state(), folder / "optimizer.pt")
-        torch.save(ckpt.rng_state(), folder / "rng.pt")
-        ckpt.write_json(
-            folder / "trainer_state.json",
-            {
-                "state": asdict(self.state),
-                "sampler": self.sampler.state_dict(consumed=self.state.consumed_in_epoch),
-                "total_steps": self.total_steps,
-                "dp_size": self.dims.dp_size,
-                "dataset": self.dataset.describe() | {"folder": self.dataset.corpus.folder},
-            },
-        )
-        (folder / "config.py").write_text(self.loaded.render())
+            self.tokenizer.save_pretrained(folder)
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "state": asdict(self.state),
+            "sampler": self.sampler.state_dict(consumed=self.state.consumed_in_epoch),
+            "total_steps": self.total_steps,
+            "dp_size": self.dims.dp_size,
+            "engine": "torch" if self.settings.deepspeed is None else self.settings.deepspeed,
+            "dataset": self._dataset_identity(),
+        }
+
+    def _dataset_identity(self) -> dict[str, Any]:
+        return dict(self.dataset.describe()) | {"folder": self.dataset.corpus.folder}
 
     def _resume(self, path: Path) -> None:
         if not (path / ckpt.COMPLETE_MARKER).is_file():
@@ -447,27 +483,24 @@ class Trainer:
                 f"--resume {path}: not a complete evotune checkpoint (no COMPLETE marker)"
             )
         saved = ckpt.read_json(path / "trainer_state.json")
+        engine = "torch" if self.settings.deepspeed is None else self.settings.deepspeed
+        if saved["engine"] != engine:
+            raise ConfigError(
+                f"--resume {path}: saved by the {saved['engine']!r} engine, now {engine!r}; resume "
+                "with the same --deepspeed setting (or export the HF folder and start a new run)"
+            )
         if saved["dp_size"] != self.dims.dp_size:
             raise ConfigError(
                 f"--resume {path}: saved with data-parallel size {saved['dp_size']}, now "
                 f"{self.dims.dp_size}; resume with the same number of processes / sp size"
             )
-        now = self.dataset.describe() | {"folder": self.dataset.corpus.folder}
-        if saved["dataset"] != now:
+        if saved["dataset"] != self._dataset_identity():
             raise ConfigError(
-                f"--resume {path}: the dataset or packing changed ({saved['dataset']} -> {now}); "
-                "resume with the original data and packing settings"
+                f"--resume {path}: the dataset or packing changed ({saved['dataset']} -> "
+                f"{self._dataset_identity()}); resume with the original data and packing settings"
             )
         self.sampler.load_state_dict(saved["sampler"])
-        master = path / "master_weights.safetensors"
-        weights = load_file(str(master if master.exists() else path / "hf" / "model.safetensors"))
-        missing, unexpected = self.model.load_state_dict(
-            {k: v.to(torch.float32) for k, v in weights.items()}, strict=False
-        )
-        tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
-        if unexpected or set(missing) - tied:
-            raise ConfigError(f"--resume {path}: weights do not match the model ({missing[:3]}...)")
-        self.engine.load_optimizer_state(torch.load(path / "optimizer.pt", weights_only=False))
+        self.engine.load_state(path)
         ckpt.restore_rng_state(torch.load(path / "rng.pt", weights_only=False))
         self.state = TrainState(**saved["state"])
         logger.info("resumed from %s at step %d", path, self.state.step)

@@ -1,0 +1,166 @@
+"""DeepSpeed ZeRO 1/2/3 behind the engine seam.
+
+The trainer keeps the loop: it marks the accumulation boundary itself (so a
+short last step is exact), scales the loss itself (scale_wrt_gas=False) and
+sets the learning rate from its closed form before each update. DeepSpeed keeps
+fp32 master weights and optimizer state, partitioned across data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, TrainConfig
+from ..data.collate import PackedBatch
+from .dims import ParallelDims
+from .engine import Objective, PackedLossModule, optimizer_param_groups
+
+PRESETS = (
+    "deepspeed_zero1",
+    "deepspeed_zero2",
+    "deepspeed_zero2_offload",
+    "deepspeed_zero3",
+    "deepspeed_zero3_offload",
+)
+
+
+def load_deepspeed_config(
+    name_or_path: str, settings: TrainConfig, dims: ParallelDims
+) -> dict[str, Any]:
+    """A preset name or a JSON file, with every "auto" filled from the config."""
+    if name_or_path in PRESETS:
+        text = resources.files("evotune.presets").joinpath(f"{name_or_path}.json").read_text()
+        source = name_or_path
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(
+                f"--deepspeed {name_or_path}: not a preset ({', '.join(PRESETS)}) nor a JSON file"
+            )
+        text, source = path.read_text(), str(path)
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--deepspeed {source}: invalid JSON ({error})") from None
+    bf16 = settings.dtype == "bfloat16"
+    filled = {
+        "gradient_accumulation_steps": settings.accumulative_counts,
+        "train_micro_batch_size_per_gpu": 1,  # one flattened varlen row per micro-batch
+        "gradient_clipping": settings.max_norm,
+    }
+    for key, value in filled.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+        elif key != "train_micro_batch_size_per_gpu" and config[key] != value:
+            raise ConfigError(
+                f"--deepspeed {source}: {key}={config[key]} contradicts the config ({value}); "
+                'set it to "auto"'
+            )
+    config["train_batch_size"] = (
+        config["train_micro_batch_size_per_gpu"]
+        * config["gradient_accumulation_steps"]
+        * dims.dp_size
+    )
+    for precision, enabled in (("bf16", bf16), ("fp16", False)):
+        section = config.setdefault(precision, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = enabled
+    if config["fp16"]["enabled"]:
+        raise ConfigError(f"--deepspeed {source}: fp16 is not supported; use dtype='bfloat16'")
+    if config["bf16"]["enabled"] != bf16:
+        raise ConfigError(
+            f"--deepspeed {source}: bf16.enabled={config['bf16']['enabled']} contradicts "
+            f'dtype={settings.dtype!r}; set it to "auto"'
+        )
+    if dims.device.type == "cpu":
+        # overlap_comm needs CUDA streams; offloaded pinned memory needs CUDA
+        zero = config.setdefault("zero_optimization", {})
+        zero["overlap_comm"] = False
+        for key in ("offload_optimizer", "offload_param"):
+            if key in zero:
+                zero[key]["pin_memory"] = False
+    return config
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+class DeepSpeedEngine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        dims: ParallelDims,
+        config: dict[str, Any],
+        settings: TrainConfig,
+        sequence_parallel: Any = None,
+    ):
+        import deepspeed
+
+        self.model = model
+        self.dims = dims
+        self.config = config
+        self.stage = zero_stage(config)
+        groups = optimizer_param_groups(model, settings.weight_decay, settings.weight_decay_scope)
+        zero = config.get("zero_optimization", {})
+        if "offload_optimizer" in zero:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(
+                groups, lr=settings.lr, betas=settings.betas, eps=settings.eps, adamw_mode=True
+            )
+        else:
+            optimizer = torch.optim.AdamW(
+                groups, lr=settings.lr, betas=settings.betas, eps=settings.eps
+            )
+        module = PackedLossModule(model, settings.loss_chunk_size, sequence_parallel)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=config, dist_init_required=False
+        )
+
+    def forward_backward(self, batch: PackedBatch, objective: Objective, sync: bool) -> float:
+        self.engine.set_gradient_accumulation_boundary(sync)
+        loss_sum = self.engine(batch)
+        self.engine.backward(objective(loss_sum), scale_wrt_gas=False)
+        return float(loss_sum.detach().float())
+
+    def update(self, lr: float, max_norm: float, loss_is_finite: bool) -> tuple[float, bool]:
+        """DeepSpeed clips inside step() (gradient_clipping) and reports the pre-clip norm."""
+        if not loss_is_finite:
+            self.engine.optimizer.zero_grad()
+            return float("nan"), False
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        return norm, self.engine.was_step_applied()
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights on the main rank (gathered under ZeRO-3); collective on every rank."""
+        if self.stage < 3:
+            return self.model.state_dict() if self.dims.is_main else None
+        import deepspeed
+
+        parameters = list(self.model.parameters())
+        with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None):
+            if self.dims.is_main:
+                return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return None
+
+    def save_state(self, folder: Path, weights_saved_exactly: bool) -> None:
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
+
+    def load_state(self, folder: Path) -> None:
+        self.engine.load_checkpoint(
+            str(folder / "deepspeed"),
+            tag="state",
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
