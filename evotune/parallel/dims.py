@@ -109,6 +109,16 @@ class ParallelDims:
     def _collective_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
-    def shutdown(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def shutdown(self, clean: bool) -> None:
+        """Tear the process group down before interpreter exit.
+
+        On success every rank first meets at a barrier, so no rank exits while a
+        peer still has collectives in flight (gloo's worker threads otherwise
+        die with the interpreter). After a failure there is no barrier: peers
+        may be stuck in a collective, and torchrun stops them.
+        """
+        if not dist.is_initialized():
+            return
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()

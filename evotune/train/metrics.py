@@ -28,6 +28,15 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def transformer_flops(
     config: Any, segment_lengths: list[int], activation_checkpointing: bool = False
 ) -> float:

@@ -77,6 +77,7 @@ def run_training(
 
     loaded = load_config(config_path, overrides)
     dims = ParallelDims.from_environment(loaded.settings.sequence_parallel_size)
+    succeeded = False
     try:
         work = resolve_work_dir(loaded, work_dir)
         setup_logging(dims, work)
@@ -90,6 +91,7 @@ def run_training(
         result = trainer.train()
         if dims.is_main:
             logger.info("done: %d steps, last checkpoint %s", result.steps, result.last_checkpoint)
+        succeeded = True
         return 0
     finally:
-        dims.shutdown()
+        dims.shutdown(clean=succeeded)

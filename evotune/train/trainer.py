@@ -36,7 +36,7 @@ from ..model.load import load_model
 from ..parallel.dims import ParallelDims
 from ..parallel.engine import Engine, TorchEngine
 from . import checkpoint as ckpt
-from .metrics import MetricsLog, peak_flops, transformer_flops
+from .metrics import MetricsLog, peak_flops, peak_memory_mib, transformer_flops
 from .schedule import LRSchedule
 
 logger = logging.getLogger("evotune")
@@ -355,6 +355,7 @@ class Trainer:
             "tflops_per_rank": tflops,
             "mfu": tflops * 1e12 / self.peak_flops if self.peak_flops else None,
             "step_time_s": elapsed,
+            "peak_memory_mib": peak_memory_mib(dims.device),
         }
         if not finite:
             logger.warning(

@@ -1,0 +1,68 @@
+"""Run evotune as a user would (console entry point, torchrun via NPROC_PER_NODE)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_train(
+    config: Path,
+    work_dir: Path,
+    *args: str,
+    nproc: int = 1,
+    env: dict[str, str] | None = None,
+    timeout: int = 300,
+) -> subprocess.CompletedProcess:
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    environ.update({"NPROC_PER_NODE": str(nproc), "PORT": str(free_port()), "OMP_NUM_THREADS": "1"})
+    environ.update(env or {})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evotune.cli",
+            "train",
+            str(config),
+            "--work-dir",
+            str(work_dir),
+            "--no-progress",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=timeout,
+    )
+
+
+def losses(work_dir: Path) -> list[float]:
+    return [
+        json.loads(line)["loss"] for line in (work_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+def records(work_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(work_dir: Path) -> dict[str, torch.Tensor]:
+    latest = sorted(work_dir.glob("checkpoint-*"))[-1]
+    return load_file(str(latest / "hf" / "model.safetensors"))
