@@ -102,7 +102,7 @@ def test_slurm_launcher_by_hand(setup, single):
 
 
 def test_rank_failure_ends_run_with_cause(setup, tmp_path):
-    root, model, data = setup
+    _root, model, data = setup
     from ftdp_factory import write_shard
 
     broken = tmp_path / "data"
@@ -125,7 +125,7 @@ def test_rank_failure_ends_run_with_cause(setup, tmp_path):
 
 def test_leftover_micro_batches_form_a_last_step(setup, tmp_path):
     """XTuner order truncates to a multiple of dp only: the last step is shorter, not dropped."""
-    root, model, data = setup
+    _root, model, data = setup
     config = write_config(
         tmp_path / "left.py",
         model,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,7 @@ def _hand_gradients(model_dir, micro_batches, reduction):
         # independent path: full logits, per-segment positions, native eager attention
         logits = []
         bounds = batch.cu_seqlens.tolist()
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        for start, end in itertools.pairwise(bounds):
             logits.append(model(input_ids=batch.input_ids[:, start:end], use_cache=False).logits[0])
         logits = torch.cat(logits).float()
         labels = batch.labels[0]
