@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
+    export = commands.add_parser("export", help="copy a checkpoint's Hugging Face folder")
+    export.add_argument("checkpoint", help="WORK_DIR/checkpoint-<step>")
+    export.add_argument("-o", "--output", required=True, help="new folder for the HF model")
+
     data = commands.add_parser("data", help="ftdp dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="TOOL")
     order = data_commands.add_parser("order", help="write a data-order file for a folder")
@@ -93,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args, argv)
         if args.command == "data":
             return _data(args)
+        if args.command == "export":
+            return _export(args)
     except KeyboardInterrupt:
         print("evotune: interrupted", file=sys.stderr)
         return 130
@@ -138,6 +144,18 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         show_progress=(not args.no_progress and sys.stderr.isatty())
         or os.environ.get("EVOTUNE_PROGRESS") == "1",
     )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .train.checkpoint import export_hf
+
+    try:
+        output = export_hf(Path(args.checkpoint), Path(args.output))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    print(f"exported {args.checkpoint} -> {output}")
+    return 0
 
 
 def _data(args: argparse.Namespace) -> int:

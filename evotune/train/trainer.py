@@ -36,6 +36,7 @@ from ..model.load import load_model
 from ..parallel.dims import ParallelDims
 from ..parallel.engine import Engine, TorchEngine
 from . import checkpoint as ckpt
+from .faults import Faults
 from .metrics import MetricsLog, peak_flops, peak_memory_mib, transformer_flops
 from .schedule import LRSchedule
 
@@ -106,6 +107,7 @@ class Trainer:
         if resume is not None:
             self._resume(Path(resume))
         self.peak_flops = peak_flops(self.dims.device)
+        self.faults = Faults.from_environment()
 
     # -- building ----------------------------------------------------------------
 
@@ -255,7 +257,12 @@ class Trainer:
                 ]
                 if not micro_batches:
                     break
-                record = self.train_step(micro_batches)
+                try:
+                    record = self.train_step(micro_batches)
+                except TrainingError:
+                    # skipped steps never touched the weights: save the last good state
+                    result.last_checkpoint = self.save_checkpoint()
+                    raise
                 result.losses.append(record["loss"])
                 metrics_log.write(record)
                 progress.update(1)
@@ -307,6 +314,8 @@ class Trainer:
                 scale = 1.0 / (max(trainable[index], 1) * count)
             else:
                 scale = token_scale
+            if state.step + 1 in self.faults.nan_loss_steps:
+                scale = float("nan")
             loss_sums.append(
                 self.engine.forward_backward(
                     batch.to(dims.device),
@@ -314,6 +323,8 @@ class Trainer:
                     index == count - 1,
                 )
             )
+            if state.step + 1 in self.faults.nan_loss_steps:
+                loss_sums[-1] = float("nan")
         if s.loss_reduction == "pack":
             local = (
                 sum(loss / max(n, 1) for loss, n in zip(loss_sums, trainable, strict=True)) / count
@@ -444,6 +455,7 @@ class Trainer:
         if dims.is_main:
             self._write_hf_folder(temporary / "hf", weights, save_dtype)
         self.engine.save_state(temporary, weights_saved_exactly=save_dtype == torch.float32)
+        self.faults.abort_in_save(step)
         dims.barrier()
         path = self.work_dir / ckpt.checkpoint_name(step)
         if dims.is_main:
