@@ -58,8 +58,10 @@ def load_model(
         ) from None
     model.config.use_cache = False
     if gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or (
-            model.gradient_checkpointing_enable
-        )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant checkpointing passes keyword arguments (cu_seqlens, SP) through
+        options = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     return model.to(device)

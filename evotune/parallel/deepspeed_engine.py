@@ -61,11 +61,9 @@ def load_deepspeed_config(
                 f"--deepspeed {source}: {key}={config[key]} contradicts the config ({value}); "
                 'set it to "auto"'
             )
-    config["train_batch_size"] = (
-        config["train_micro_batch_size_per_gpu"]
-        * config["gradient_accumulation_steps"]
-        * dims.dp_size
-    )
+    # DeepSpeed averages gradients over every rank, sequence-parallel ones included (the
+    # trainer's loss scaling assumes exactly that), so it derives train_batch_size itself
+    config.pop("train_batch_size", None)
     for precision, enabled in (("bf16", bf16), ("fp16", False)):
         section = config.setdefault(precision, {})
         if section.get("enabled", "auto") == "auto":

@@ -35,6 +35,7 @@ from ..data.ftdp import DataError
 from ..model.load import load_model
 from ..parallel.dims import ParallelDims
 from ..parallel.engine import Engine, TorchEngine
+from ..parallel.sequence import SequenceParallel, check_heads
 from . import checkpoint as ckpt
 from .faults import Faults
 from .metrics import MetricsLog, peak_flops, peak_memory_mib, transformer_flops
@@ -91,6 +92,11 @@ class Trainer:
         self.sampler = self._build_sampler()
         self.collator = PackCollator(
             None if s.use_varlen_attn else self.dataset.attention_windows()
+        )
+        self.sequence_parallel = (
+            SequenceParallel(self.dims.sp_size, self.dims.sp_rank, self.dims.sp_group)
+            if self.dims.sp_size > 1
+            else None
         )
         self.model, self.engine = self._build_model_and_engine()
         self._check_model_fits_data()
@@ -176,6 +182,7 @@ class Trainer:
                 weight_decay_scope=s.weight_decay_scope,
                 autocast_dtype=None if s.dtype == "float32" else TORCH_DTYPES[s.dtype],
                 chunk_size=s.loss_chunk_size,
+                sequence_parallel=self.sequence_parallel,
             )
             return model, engine
         import deepspeed
@@ -197,12 +204,17 @@ class Trainer:
             dims.device,
             s.gradient_checkpointing,
         )
-        engine = DeepSpeedEngine(model, dims, ds_config, s)
+        engine = DeepSpeedEngine(model, dims, ds_config, s, self.sequence_parallel)
         del partitioned_load
         return model, engine
 
     def _check_model_fits_data(self) -> None:
         config = self.model.config
+        check_heads(
+            config.num_attention_heads,
+            getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            self.dims.sp_size,
+        )
         self.dataset.vocab_size = config.vocab_size
         if self.tokenizer is not None and len(self.tokenizer) > config.vocab_size:
             raise ConfigError(
@@ -302,20 +314,24 @@ class Trainer:
         lr = self.schedule(state.updates)
         count = len(micro_batches)
         trainable = [batch.num_trainable for batch in micro_batches]
+        # Gradients are averaged over all world ranks (DDP / DeepSpeed); the ranks of one
+        # sequence-parallel group hold partial sums of one pack, so scale by world size
+        # where the per-rank objective must add up rather than average.
+        sp = dims.sp_size
         if s.loss_reduction == "token":
-            # global mean over every trainable token of the step, on every DP rank;
-            # DDP averages gradients over dp, so scale by dp to get the exact sum
-            step_trainable = dims.all_reduce_sum([float(sum(trainable))])[0]
-            token_scale = dims.dp_size / max(step_trainable, 1.0)
+            step_trainable = dims.all_reduce_sum([float(sum(trainable))])[0] / sp
+            token_scale = dims.world_size / max(step_trainable, 1.0)
         loss_sums = []
         for index, batch in enumerate(micro_batches):
             if s.loss_reduction == "pack":
                 # InternEvo: each micro-batch's token mean, divided by the micro-batch count
-                scale = 1.0 / (max(trainable[index], 1) * count)
+                scale = sp / (max(trainable[index], 1) * count)
             else:
                 scale = token_scale
             if state.step + 1 in self.faults.nan_loss_steps:
                 scale = float("nan")
+            if self.sequence_parallel is not None:
+                batch = self.sequence_parallel.split(batch)
             loss_sums.append(
                 self.engine.forward_backward(
                     batch.to(dims.device),
@@ -341,7 +357,7 @@ class Trainer:
             state.consecutive_skips += 1
         state.step += 1
         elapsed = time.perf_counter() - started
-        tokens = sum(batch.num_tokens for batch in micro_batches)
+        tokens = sum(batch.num_tokens for batch in micro_batches)  # full rows, before SP slicing
         step_tokens = dims.all_reduce_sum([float(tokens)])[0] / dims.sp_size
         state.tokens_seen += int(step_tokens)
         flops = sum(
@@ -362,7 +378,7 @@ class Trainer:
             "tokens": int(step_tokens),
             "trainable_tokens": int(dims.all_reduce_sum([float(sum(trainable))])[0] / dims.sp_size),
             "tokens_per_s": step_tokens / elapsed,
-            "tokens_per_s_per_rank": tokens / elapsed,
+            "tokens_per_s_per_rank": tokens / sp / elapsed,
             "tflops_per_rank": tflops,
             "mfu": tflops * 1e12 / self.peak_flops if self.peak_flops else None,
             "step_time_s": elapsed,
