@@ -81,7 +81,7 @@ def compare(kernel: str, kv_heads: int, checkpointing: bool, sp: SequenceParalle
     }
     if with_grad:
         worst = 0.0
-        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
             grad = p.grad.clone()
             dist.all_reduce(grad)  # partial gradients of one pack add up over the group
             scale = q.grad.abs().max().clamp_min(1e-12)
