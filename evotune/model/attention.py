@@ -14,6 +14,7 @@ fall back to plain causal SDPA with transformers' own mask.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import warnings
@@ -96,7 +97,15 @@ def eager_kernel(q, k, v, cu_seqlens, max_seqlen, scale):
     return torch.matmul(probabilities, v).transpose(0, 1)
 
 
+@functools.cache
+def _compiled_flex() -> Callable[..., torch.Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
 def flex_kernel(q, k, v, cu_seqlens, max_seqlen, scale):
+    """FlexAttention with a same-segment causal block mask (compiled on CUDA)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     tokens = q.shape[1]
@@ -105,11 +114,15 @@ def flex_kernel(q, k, v, cu_seqlens, max_seqlen, scale):
     def same_segment_causal(batch, head, q_index, kv_index):
         return (segment[q_index] == segment[kv_index]) & (q_index >= kv_index)
 
-    block_mask = create_block_mask(same_segment_causal, None, None, tokens, tokens, device=q.device)
+    on_cuda = q.device.type == "cuda"
+    block_mask = create_block_mask(
+        same_segment_causal, None, None, tokens, tokens, device=q.device, _compile=on_cuda
+    )
+    attend = _compiled_flex() if on_cuda else flex_attention
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         warnings.filterwarnings("ignore", category=UserWarning, module=".*flex_attention.*")
-        output = flex_attention(
+        output = attend(
             q.unsqueeze(0),
             k.unsqueeze(0),
             v.unsqueeze(0),

@@ -115,7 +115,7 @@ class TorchEngine:
             lr=lr,
             betas=betas,
             eps=eps,
-            foreach=dims.device.type == "cuda",
+            fused=dims.device.type == "cuda",
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[None]:
