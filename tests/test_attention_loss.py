@@ -148,3 +148,14 @@ def test_xtuner_schedule_closed_form():
     assert lr[199] > eta and lr[199] == pytest.approx(
         eta + (base - eta) * (1 + math.cos(math.pi * 194 / 195)) / 2
     )
+
+
+def test_loaded_model_trains_with_active_checkpointing(tmp_path):
+    from tiny import save_tiny_llama
+
+    from evotune.model.load import load_model
+
+    model = load_model(str(save_tiny_llama(tmp_path / "m")), gradient_checkpointing=True)
+    assert model.training
+    layer = model.model.layers[0]
+    assert layer.training and getattr(layer, "gradient_checkpointing", False)

@@ -64,4 +64,5 @@ def load_model(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-    return model.to(device)
+    # from_pretrained returns eval mode, where activation checkpointing is inactive
+    return model.to(device).train()
