@@ -54,6 +54,35 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="WORK_DIR/checkpoint-<step>")
     export.add_argument("-o", "--output", required=True, help="new folder for the HF model")
 
+    convert = commands.add_parser("convert", help="migrate InternEvo configs and checkpoints")
+    convert_commands = convert.add_subparsers(dest="convert_command", required=True, metavar="WHAT")
+    ckpt = convert_commands.add_parser(
+        "internevo-ckpt", help="InternEvo checkpoint step folder -> Hugging Face Llama folder"
+    )
+    ckpt.add_argument("checkpoint", help="save_ckpt_folder/<step> with model_tp*_pp*.pt")
+    ckpt.add_argument("-o", "--output", required=True)
+    ckpt.add_argument("--model-type", choices=["INTERNLM2_PUBLIC", "LLAMA2"])
+    internlm2 = convert_commands.add_parser(
+        "internlm2-to-llama", help="remote-code InternLM2 HF folder -> native Llama folder"
+    )
+    internlm2.add_argument("folder")
+    internlm2.add_argument("-o", "--output", required=True)
+    config = convert_commands.add_parser(
+        "internevo-config", help="InternEvo config file -> evotune config file"
+    )
+    config.add_argument("config", help="an InternEvo config (.py)")
+    config.add_argument("-o", "--output", required=True)
+    config.add_argument("--world-size", type=int, default=8, help="GPUs of the InternEvo run")
+    config.add_argument(
+        "--internevo-root", help="InternEvo source tree, for configs._base_ imports"
+    )
+    config.add_argument("--model", help="HF model folder to train (e.g. from internevo-ckpt)")
+    config.add_argument(
+        "--allow-approximate",
+        action="store_true",
+        help="write the config even when a setting that changes the math cannot be honoured",
+    )
+
     data = commands.add_parser("data", help="ftdp dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="TOOL")
     order = data_commands.add_parser("order", help="write a data-order file for a folder")
@@ -99,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _data(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "convert":
+            return _convert(args)
     except KeyboardInterrupt:
         print("evotune: interrupted", file=sys.stderr)
         return 130
@@ -144,6 +175,40 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         show_progress=(not args.no_progress and sys.stderr.isatty())
         or os.environ.get("EVOTUNE_PROGRESS") == "1",
     )
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .convert.internlm2 import ConversionError
+
+    try:
+        if args.convert_command == "internevo-ckpt":
+            from .convert.checkpoints import convert_internevo_checkpoint
+
+            output = convert_internevo_checkpoint(
+                Path(args.checkpoint), Path(args.output), args.model_type
+            )
+        elif args.convert_command == "internlm2-to-llama":
+            from .convert.checkpoints import convert_internlm2_hf
+
+            output = convert_internlm2_hf(Path(args.folder), Path(args.output))
+        else:
+            from .convert.internevo_config import convert_internevo_config
+
+            report = convert_internevo_config(
+                Path(args.config),
+                Path(args.output),
+                world_size=args.world_size,
+                internevo_root=args.internevo_root,
+                model=args.model,
+                allow_approximate=args.allow_approximate,
+            )
+            print(report)
+            output = Path(args.output)
+    except ConversionError as error:
+        raise ConfigError(str(error)) from None
+    print(f"wrote {output}")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
