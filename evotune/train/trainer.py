@@ -82,6 +82,7 @@ class Trainer:
         self.loaded = loaded
         self.settings: TrainConfig = loaded.settings
         self.work_dir = work_dir
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         self.dims = dims or ParallelDims()
         self.show_progress = show_progress and self.dims.is_main
         s = self.settings
