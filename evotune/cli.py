@@ -141,9 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _report(error: BaseException) -> int:
     from .config import ConfigError
     from .data.ftdp import DataError
+    from .fileio import OutputExistsError
     from .launch import record_failure
 
-    if isinstance(error, ConfigError | DataError):
+    if isinstance(error, ConfigError | DataError | OutputExistsError):
         code, cause = EXIT_USER_ERROR, str(error)
     else:
         traceback.print_exc()

@@ -11,9 +11,9 @@ Every .pt file is read with weights_only=True.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ..fileio import atomic_folder
 from .internlm2 import LAYER_KEY, ConversionError, Shape, internlm2_to_llama
 
 SHARD_NAME = re.compile(r"^model_tp(\d+)_pp(\d+)\.pt$")
@@ -144,6 +145,7 @@ def write_llama_folder(
     weights: dict[str, torch.Tensor],
     output: Path,
     dtype: torch.dtype | None = None,
+    extra_files: Sequence[Path] = (),
 ) -> Path:
     """Check names and shapes against LlamaForCausalLM, then write atomically."""
     with torch.device("meta"):
@@ -159,23 +161,17 @@ def write_llama_folder(
             raise ConversionError(
                 f"{name}: shape {tuple(weights[name].shape)}, expected {tuple(shape)}"
             )
-    if output.exists() and any(output.iterdir()):
-        raise ConversionError(f"{output}: exists and is not empty; choose a new folder")
-    temporary = output.with_name(f".{output.name}.tmp")
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir(parents=True)
     dtype = dtype or next(iter(weights.values())).dtype
     config.torch_dtype = dtype
-    config.save_pretrained(temporary)
-    save_file(
-        {k: v.to(dtype).contiguous() for k, v in weights.items()},
-        str(temporary / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    if output.exists():
-        output.rmdir()
-    os.replace(temporary, output)
+    with atomic_folder(output) as temporary:
+        config.save_pretrained(temporary)
+        save_file(
+            {k: v.to(dtype).contiguous() for k, v in weights.items()},
+            str(temporary / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
+        for extra in extra_files:
+            shutil.copy2(extra, temporary / extra.name)
     return output
 
 
@@ -247,14 +243,12 @@ def convert_internlm2_hf(folder: Path, output: Path) -> Path:
     )
     if config.tie_word_embeddings:
         converted.pop("lm_head.weight", None)
-    result = write_llama_folder(config, converted, output)
-    for name in (
+    carried = (
         "tokenizer.model",
         "tokenizer.json",
         "tokenizer_config.json",
         "special_tokens_map.json",
         "generation_config.json",
-    ):
-        if (folder / name).is_file():
-            shutil.copy2(folder / name, result / name)
-    return result
+    )
+    extra_files = [folder / name for name in carried if (folder / name).is_file()]
+    return write_llama_folder(config, converted, output, extra_files=extra_files)

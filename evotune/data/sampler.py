@@ -99,7 +99,57 @@ def draw_mixture(subsets: list[Subset], rng: np.random.RandomState) -> np.ndarra
     return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
 
 
-class InternRepoSampler:
+class _ResumableSampler:
+    """The epoch / position protocol shared by evotune's samplers.
+
+    Subclasses define ``rank_indices(epoch)`` (this DP rank's order for an epoch) and
+    ``fingerprint()`` (what must not change across a resume).
+    """
+
+    dataset: PackedDataset
+    epoch: int
+    start: int
+
+    def rank_indices(self, epoch: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch ``epoch`` from its ``start``-th pack (0: from the beginning)."""
+        self.epoch = epoch
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self.rank_indices(self.epoch)
+        start, self.start = self.start, 0
+        return iter(indices[start:].tolist())
+
+    def __len__(self) -> int:
+        return len(self.rank_indices(self.epoch)) - self.start
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "consumed": self.start if consumed is None else consumed,
+            "fingerprint": self.fingerprint(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("fingerprint") != self.fingerprint():
+            raise DataError(
+                "sampler state does not match this run (dataset size, seed, order, dp size or "
+                f"weights changed): saved {state.get('fingerprint')}, now {self.fingerprint()}"
+            )
+        self.epoch = int(state["epoch"])
+        self.start = int(state["consumed"])
+
+    def mixture_table(self) -> list[dict[str, Any]]:
+        return []
+
+
+class InternRepoSampler(_ResumableSampler):
     """This DP rank's pack indices, in consumption order (InternEvo's or XTuner's order).
 
     ``micro_num`` is the number of packs one rank consumes per optimizer step
@@ -166,36 +216,6 @@ class InternRepoSampler:
             self._cache = (epoch, self.global_order(epoch)[self.dp_rank :: self.dp_size])
         return self._cache[1]
 
-    # -- torch Sampler protocol ------------------------------------------------
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.start = 0
-
-    def __iter__(self) -> Iterator[int]:
-        indices = self.rank_indices(self.epoch)
-        start, self.start = self.start, 0
-        return iter(indices[start:].tolist())
-
-    def __len__(self) -> int:
-        return len(self.rank_indices(self.epoch)) - self.start
-
-    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "consumed": self.start if consumed is None else consumed,
-            "fingerprint": self.fingerprint(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("fingerprint") != self.fingerprint():
-            raise DataError(
-                "sampler state does not match this run (dataset size, seed, order, dp size or "
-                f"weights changed): saved {state.get('fingerprint')}, now {self.fingerprint()}"
-            )
-        self.epoch = int(state["epoch"])
-        self.start = int(state["consumed"])
-
     def fingerprint(self) -> dict[str, Any]:
         return {
             "num_packs": len(self.dataset),
@@ -226,7 +246,7 @@ class InternRepoSampler:
         return rows
 
 
-class SequenceParallelSampler:
+class SequenceParallelSampler(_ResumableSampler):
     """XTuner's seeded sampler over data-parallel ranks (torch.randperm, seed + epoch).
 
     Ranks of one sequence-parallel group share a DP rank, so they read the same
@@ -266,33 +286,6 @@ class SequenceParallelSampler:
             total = count
         return order[self.dp_rank : total : self.dp_size]
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.start = 0
-
-    def __iter__(self) -> Iterator[int]:
-        start, self.start = self.start, 0
-        return iter(self.rank_indices(self.epoch)[start:].tolist())
-
-    def __len__(self) -> int:
-        return len(self.rank_indices(self.epoch)) - self.start
-
-    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "consumed": self.start if consumed is None else consumed,
-            "fingerprint": self.fingerprint(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("fingerprint") != self.fingerprint():
-            raise DataError(
-                f"sampler state does not match this run: saved {state.get('fingerprint')}, "
-                f"now {self.fingerprint()}"
-            )
-        self.epoch = int(state["epoch"])
-        self.start = int(state["consumed"])
-
     def fingerprint(self) -> dict[str, Any]:
         return {
             "num_packs": len(self.dataset),
@@ -300,6 +293,3 @@ class SequenceParallelSampler:
             "shuffle": self.shuffle,
             "dp_size": self.dp_size,
         }
-
-    def mixture_table(self) -> list[dict[str, Any]]:
-        return []

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..fileio import atomic_folder
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "COMPLETE"
 
@@ -127,21 +129,14 @@ def _fsync_directory(path: Path) -> None:
 
 def export_hf(checkpoint: Path, output: Path) -> Path:
     """Copy a checkpoint's HF folder to ``output`` atomically and check it loads."""
+    from transformers import AutoConfig
+
     source = checkpoint / "hf"
     if not (checkpoint / COMPLETE_MARKER).is_file() or not (source / "config.json").is_file():
         raise ValueError(
             f"{checkpoint}: not a complete evotune checkpoint (expected COMPLETE and hf/config.json)"
         )
-    if output.exists() and any(output.iterdir()):
-        raise ValueError(f"{output}: exists and is not empty; choose a new folder")
-    temporary = output.with_name(f".{output.name}.tmp")
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    shutil.copytree(source, temporary)
-    from transformers import AutoConfig
-
-    AutoConfig.from_pretrained(temporary)
-    if output.exists():
-        output.rmdir()
-    os.replace(temporary, output)
+    with atomic_folder(output) as temporary:
+        shutil.copytree(source, temporary, dirs_exist_ok=True)
+        AutoConfig.from_pretrained(temporary)
     return output

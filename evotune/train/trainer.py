@@ -405,8 +405,7 @@ class Trainer:
         """This rank's micro-batches from the current position, epoch after epoch."""
         s, state = self.settings, self.state
         while s.total_steps is not None or state.epoch < s.max_epochs:
-            self.sampler.set_epoch(state.epoch)
-            self.sampler.start = state.consumed_in_epoch
+            self.sampler.set_epoch(state.epoch, start=state.consumed_in_epoch)
             loader = DataLoader(
                 self.dataset,
                 batch_size=s.batch_size,
