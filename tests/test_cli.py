@@ -89,3 +89,25 @@ def test_data_and_model_mismatch_errors(tmp_path, override, message):
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_tokenizer_larger_than_embeddings(tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = tmp_path / "tok"
+    shutil.copytree(ROOT / "demo" / "model", tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(10)])
+    tokenizer.save_pretrained(tokenizer_dir)
+    result = evotune(
+        "train",
+        "configs/demo.py",
+        "--work-dir",
+        str(tmp_path / "w"),
+        "--cfg-options",
+        f"tokenizer_name_or_path={tokenizer_dir}",
+    )
+    assert result.returncode == 2
+    assert "tokenizer has 2058 tokens but the model's embeddings hold 2048" in result.stderr

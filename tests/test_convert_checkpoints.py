@@ -43,6 +43,23 @@ def _interleave(weight, heads):
     return per_head.reshape(rows, columns)
 
 
+def _llama2_layer(state, layer, interleave):
+    """InternEvo's LLAMA2 layout: separate wq/wk/wv."""
+    prefix = f"model.layers.{layer}."
+    q = state[prefix + "self_attn.q_proj.weight"]
+    k = state[prefix + "self_attn.k_proj.weight"]
+    if interleave:
+        q, k = _interleave(q, HEADS), _interleave(k, KV_HEADS)
+    fused = _internlm2_layer(state, layer, interleave)
+    del fused["attention.wqkv.weight"]
+    return {
+        **fused,
+        "attention.wq.weight": q,
+        "attention.wk.weight": k,
+        "attention.wv.weight": state[prefix + "self_attn.v_proj.weight"],
+    }
+
+
 def _internlm2_layer(state, layer, interleave):
     prefix = f"model.layers.{layer}."
     q = state[prefix + "self_attn.q_proj.weight"]
@@ -76,6 +93,9 @@ def _tp_slice(name, tensor, rank, tp, embed_split_hidden):
         "attention.wo.weight": 1,
         "feed_forward.w2.weight": 1,
         "attention.wqkv.weight": 0,
+        "attention.wq.weight": 0,
+        "attention.wk.weight": 0,
+        "attention.wv.weight": 0,
         "feed_forward.w1.weight": 0,
         "feed_forward.w3.weight": 0,
         "output.weight": 0,
@@ -89,7 +109,9 @@ def _tp_slice(name, tensor, rank, tp, embed_split_hidden):
     return tensor.chunk(tp, dim=dim)[rank].clone()
 
 
-def write_internevo_checkpoint(model, folder, tp, pp, adapt_hf, embed_split_hidden):
+def write_internevo_checkpoint(
+    model, folder, tp, pp, adapt_hf, embed_split_hidden, layer_layout=_internlm2_layer
+):
     state = model.state_dict()
     folder.mkdir(parents=True)
     per_stage = LAYERS // pp
@@ -98,7 +120,7 @@ def write_internevo_checkpoint(model, folder, tp, pp, adapt_hf, embed_split_hidd
         if stage == 0:
             full["model.tok_embeddings.weight"] = state["model.embed_tokens.weight"]
         for local in range(per_stage):
-            for rest, tensor in _internlm2_layer(
+            for rest, tensor in layer_layout(
                 state, stage * per_stage + local, not adapt_hf
             ).items():
                 full[f"model.layers.{local}.{rest}"] = tensor
@@ -148,6 +170,24 @@ def test_internevo_checkpoint_round_trip(tmp_path, original, adapt_hf, embed_spl
         {k: v.to(torch.bfloat16).float() for k, v in original.state_dict().items()}
     )
     torch.testing.assert_close(_logits(converted), _logits(reference.eval()), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("adapt_hf", [True, False])
+def test_llama2_layout_round_trip(tmp_path, original, adapt_hf):
+    write_internevo_checkpoint(
+        original, tmp_path / "ckpt", 2, 2, adapt_hf, False, layer_layout=_llama2_layer
+    )
+    out = convert_internevo_checkpoint(tmp_path / "ckpt", tmp_path / "hf", model_type="LLAMA2")
+    converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    reference = LlamaForCausalLM(original.config)
+    reference.load_state_dict(
+        {k: v.to(torch.bfloat16).float() for k, v in original.state_dict().items()}
+    )
+    torch.testing.assert_close(_logits(converted), _logits(reference.eval()), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConversionError, match="look like LLAMA2"):
+        convert_internevo_checkpoint(
+            tmp_path / "ckpt", tmp_path / "hf2", model_type="INTERNLM2_PUBLIC"
+        )
 
 
 def test_rotary_layout_permutation_is_undone():

@@ -217,3 +217,33 @@ def test_unwritable_work_dir_fails_at_start(setup, tmp_path):
     result = run_train(_config(root, "unwritable", model, data), blocker / "work")
     assert result.returncode == 2
     assert "not writable" in result.stderr.strip().splitlines()[-1]
+
+
+def test_deepspeed_zero3_resume_after_torn_save(setup, tmp_path):
+    """DeepSpeed's own partitioned checkpoint inside evotune's atomic folder."""
+    root, model, data = setup
+    config = _config(root, "ds", model, data, accumulative_counts=1, total_steps=6)
+    straight_run = run_train(
+        config, tmp_path / "straight", "--deepspeed", "deepspeed_zero3", nproc=2
+    )
+    assert straight_run.returncode == 0, straight_run.stderr[-3000:]
+    work = tmp_path / "torn"
+    torn = run_train(
+        config,
+        work,
+        "--deepspeed",
+        "deepspeed_zero3",
+        nproc=2,
+        env={"EVOTUNE_FAULT": "abort_in_save@4"},
+    )
+    assert torn.returncode != 0
+    assert [p.name for p in complete_checkpoints(work)] == ["checkpoint-0000002"]
+    assert (complete_checkpoints(work)[0] / "deepspeed").is_dir()
+    resumed = run_train(config, work, "--deepspeed", "deepspeed_zero3", "--resume", "auto", nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = _last_by_step(tmp_path / "straight"), _last_by_step(work)
+    for step in range(3, 7):
+        assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-6), step
+    reference, final = final_weights(tmp_path / "straight"), final_weights(work)
+    for name in reference:
+        torch.testing.assert_close(final[name], reference[name], rtol=0, atol=1e-6, msg=name)
