@@ -125,7 +125,6 @@ def setup(tmp_path_factory):
     "engine, checkpointing",
     [
         (None, True),
-        ("deepspeed_zero1", False),
         ("deepspeed_zero2", False),
         ("deepspeed_zero3", True),
     ],
