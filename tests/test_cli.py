@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ def evotune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         text=True,
         cwd=cwd or ROOT,
         timeout=600,
+        # one intra-op thread: pytest-xdist already runs two workers on the CI's two cores
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
 
 

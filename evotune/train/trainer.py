@@ -322,6 +322,7 @@ class Trainer:
         if s.loss_reduction == "token":
             step_trainable = dims.all_reduce_sum([float(sum(trainable))])[0] / sp
             token_scale = dims.world_size / max(step_trainable, 1.0)
+        inject_nan = state.step + 1 in self.faults.nan_loss_steps
         loss_sums = []
         for index, batch in enumerate(micro_batches):
             if s.loss_reduction == "pack":
@@ -329,7 +330,7 @@ class Trainer:
                 scale = sp / (max(trainable[index], 1) * count)
             else:
                 scale = token_scale
-            if state.step + 1 in self.faults.nan_loss_steps:
+            if inject_nan:
                 scale = float("nan")
             if self.sequence_parallel is not None:
                 batch = self.sequence_parallel.split(batch)
@@ -340,15 +341,23 @@ class Trainer:
                     index == count - 1,
                 )
             )
-            if state.step + 1 in self.faults.nan_loss_steps:
+            if inject_nan:
                 loss_sums[-1] = float("nan")
+        tokens = sum(batch.num_tokens for batch in micro_batches)  # full rows, before SP slicing
         if s.loss_reduction == "pack":
-            local = (
-                sum(loss / max(n, 1) for loss, n in zip(loss_sums, trainable, strict=True)) / count
-            )
-            loss = dims.all_reduce_sum([local])[0] / dims.dp_size
+            local = sum(loss / max(n, 1) for loss, n in zip(loss_sums, trainable, strict=True))
+            local /= count
         else:
-            loss = dims.all_reduce_sum([sum(loss_sums)])[0] / max(step_trainable, 1.0)
+            local = sum(loss_sums)
+        # one collective for the loss and the step's counts; SP ranks hold the same rows
+        summed_loss, step_tokens, step_trainable = dims.all_reduce_sum(
+            [local, float(tokens), float(sum(trainable))]
+        )
+        step_tokens, step_trainable = step_tokens / sp, step_trainable / sp
+        if s.loss_reduction == "pack":
+            loss = summed_loss / dims.dp_size
+        else:
+            loss = summed_loss / max(step_trainable, 1.0)
         grad_norm, finite = self.engine.update(lr, s.max_norm, math.isfinite(loss))
         if finite:
             state.updates += 1
@@ -358,8 +367,6 @@ class Trainer:
             state.consecutive_skips += 1
         state.step += 1
         elapsed = time.perf_counter() - started
-        tokens = sum(batch.num_tokens for batch in micro_batches)  # full rows, before SP slicing
-        step_tokens = dims.all_reduce_sum([float(tokens)])[0] / dims.sp_size
         state.tokens_seen += int(step_tokens)
         flops = sum(
             transformer_flops(
@@ -367,7 +374,7 @@ class Trainer:
             )
             for batch in micro_batches
         )
-        tflops = flops / elapsed / 1e12 / dims.sp_size
+        tflops = flops / elapsed / 1e12 / sp
         record = {
             "step": state.step,
             "epoch": state.epoch,
@@ -377,7 +384,7 @@ class Trainer:
             "skipped": not finite,
             "micro_batches": count,
             "tokens": int(step_tokens),
-            "trainable_tokens": int(dims.all_reduce_sum([float(sum(trainable))])[0] / dims.sp_size),
+            "trainable_tokens": int(step_trainable),
             "tokens_per_s": step_tokens / elapsed,
             "tokens_per_s_per_rank": tokens / sp / elapsed,
             "tflops_per_rank": tflops,
