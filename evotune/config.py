@@ -433,8 +433,9 @@ def _check_component(source: Path, key: str, spec: Any, owned: Sequence[str] = (
 def build_component(spec: Any, **provided: Any) -> Any:
     """Build ``dict(type=f, **kwargs)`` as ``f(**kwargs, **provided)``; nested specs first.
 
-    ``provided`` are the arguments evotune owns (the dataset, ranks); a value the
-    config set explicitly wins over a provided one only when the provided value is None.
+    ``provided`` are the arguments evotune owns (the dataset, ranks). They fill the
+    arguments the config left out or set to None, and are dropped when ``f`` does not
+    accept them (a sampler without ``micro_num``, say).
     """
     if not isinstance(spec, dict) or "type" not in spec:
         return spec
