@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ckpt.add_argument("checkpoint", help="save_ckpt_folder/<step> with model_tp*_pp*.pt")
     ckpt.add_argument("-o", "--output", required=True)
-    ckpt.add_argument("--model-type", choices=["INTERNLM2_PUBLIC", "LLAMA2"])
+    ckpt.add_argument("--model-type", choices=["INTERNLM", "INTERNLM2_PUBLIC", "LLAMA2"])
     internlm2 = convert_commands.add_parser(
         "internlm2-to-llama", help="remote-code InternLM2 HF folder -> native Llama folder"
     )

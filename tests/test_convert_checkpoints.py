@@ -290,3 +290,68 @@ def test_internlm2_hf_folder_to_llama(tmp_path, original):
             _logits(converted.eval()), _logits(original), atol=1e-5, rtol=1e-5
         )
     assert (tmp_path / "llama" / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.parametrize("down_name", ["mlp.w3.weight", "mlp.w2.weight"])  # after / before Feb 2024
+def test_internlm_v1_round_trip(tmp_path, down_name):
+    torch.manual_seed(0)
+    config = tiny_llama_config(
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        hidden_size=HIDDEN,
+        intermediate_size=192,
+        attention_bias=True,
+        rms_norm_eps=1e-5,
+    )
+    original = LlamaForCausalLM(config).eval()
+    state = original.state_dict()
+    up_name = "mlp.w2.weight" if down_name == "mlp.w3.weight" else "mlp.w3.weight"
+    tp, pp, per_stage = 2, 2, LAYERS // 2
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for stage in range(pp):
+        for rank in range(tp):
+
+            def shard(tensor, dim, rank=rank):
+                return tensor.chunk(tp, dim=dim)[rank].clone()
+
+            out = {}
+            if stage == 0:
+                out["model.embedding.weight"] = shard(state["model.embed_tokens.weight"], 0)
+            for local in range(per_stage):
+                p = f"model.layers.{stage * per_stage + local}."
+                b = f"model.blocks.{local}."
+                qkv_w = torch.stack([state[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+                qkv_b = torch.stack([state[p + f"self_attn.{x}_proj.bias"] for x in "qkv"])
+                head_dim = HIDDEN // HEADS
+                out[b + "mixer.Wqkv.weight"] = shard(
+                    qkv_w.reshape(3, HEADS, head_dim, HIDDEN), 1
+                ).reshape(-1, HIDDEN)
+                out[b + "mixer.Wqkv.bias"] = shard(qkv_b.reshape(3, HEADS, head_dim), 1).reshape(-1)
+                out[b + "mixer.out_proj.weight"] = shard(state[p + "self_attn.o_proj.weight"], 1)
+                out[b + "mixer.out_proj.bias"] = state[p + "self_attn.o_proj.bias"].clone()
+                out[b + "norm1.weight"] = state[p + "input_layernorm.weight"].clone()
+                out[b + "norm2.weight"] = state[p + "post_attention_layernorm.weight"].clone()
+                out[b + "mlp.w1.weight"] = shard(state[p + "mlp.gate_proj.weight"], 0)
+                out[b + up_name] = shard(state[p + "mlp.up_proj.weight"], 0)
+                out[b + down_name] = shard(state[p + "mlp.down_proj.weight"], 1)
+            if stage == pp - 1:
+                out["model.norm.weight"] = state["model.norm.weight"].clone()
+                out["model.head.weight"] = shard(state["lm_head.weight"], 0)
+            torch.save(out, folder / f"model_tp{rank}_pp{stage}.pt")
+    torch.save(
+        dict(
+            num_layers=LAYERS,
+            hidden_size=HIDDEN,
+            num_attention_heads=HEADS,
+            vocab_size=128,
+            layer_norm_epsilon=1e-5,
+            embed_split_hidden=False,
+            max_position_embeddings=512,
+        ),
+        folder / "model_config.pt",
+    )
+    out_dir = convert_internevo_checkpoint(folder, tmp_path / "hf", model_type="INTERNLM")
+    converted = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    torch.testing.assert_close(_logits(converted), _logits(original), atol=1e-5, rtol=1e-5)

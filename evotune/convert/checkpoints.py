@@ -22,10 +22,17 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..fileio import atomic_folder
-from .internlm2 import LAYER_KEY, ConversionError, Shape, internlm2_to_llama
+from .internlm2 import (
+    LAYER_KEY,
+    V1_EMBEDDINGS,
+    ConversionError,
+    Shape,
+    internlm1_to_llama,
+    internlm2_to_llama,
+)
 
 SHARD_NAME = re.compile(r"^model_tp(\d+)_pp(\d+)\.pt$")
-MODEL_TYPES = ("INTERNLM2_PUBLIC", "LLAMA2")
+MODEL_TYPES = ("INTERNLM", "INTERNLM2_PUBLIC", "LLAMA2")
 
 # dimension along which InternEvo splits each tensor over tensor-parallel ranks
 _TP_SPLIT = {
@@ -38,6 +45,9 @@ _TP_SPLIT = {
     "feed_forward.w3.weight": 0,
     "feed_forward.w2.weight": 1,
     "output.weight": 0,
+    "mixer.out_proj.weight": 1,  # InternLM v1
+    "mlp.w1.weight": 0,
+    "head.weight": 0,
 }
 
 
@@ -68,33 +78,46 @@ def _shard_grid(folder: Path) -> tuple[int, int]:
 
 
 def _merge_tensor_parallel(
-    name: str, tensors: list[torch.Tensor], embed_split_hidden: bool
-) -> torch.Tensor:
+    rest: str, tensors: list[torch.Tensor], embed_split_hidden: bool, head_dim: int, hidden: int
+) -> tuple[str, torch.Tensor]:
+    """One tensor from its tensor-parallel shards; returns its (possibly renamed) key."""
+    if rest in ("mixer.Wqkv.weight", "mixer.Wqkv.bias"):
+        # InternLM v1: every shard is [q; k; v] for its own heads
+        per_shard = [t.reshape(3, -1, head_dim, *t.shape[1:]) for t in tensors]
+        merged = torch.cat(per_shard, dim=1)
+        return rest, merged.reshape(-1, *tensors[0].shape[1:])
+    if rest in ("mlp.w2.weight", "mlp.w3.weight"):
+        # InternLM v1 swapped w2/w3 in Feb 2024: the (hidden, inter/tp) tensor is down_proj
+        rows, columns = tensors[0].shape
+        if (rows == hidden) == (columns == hidden):
+            raise ConversionError(
+                f"{rest}: shard shape {tuple(tensors[0].shape)} does not tell up_proj from "
+                "down_proj (intermediate/tp equals hidden)"
+            )
+        if rows == hidden:
+            return "mlp.down.weight", torch.cat(tensors, dim=1)
+        return "mlp.up.weight", torch.cat(tensors, dim=0)
     if len(tensors) == 1:
-        return tensors[0]
-    bare = name.removeprefix("model.")
-    rest = LAYER_KEY.match(bare).group(2) if LAYER_KEY.match(bare) else bare
-    if rest == "tok_embeddings.weight":
-        return torch.cat(tensors, dim=1 if embed_split_hidden else 0)
+        return rest, tensors[0]
+    if rest in V1_EMBEDDINGS:
+        return rest, torch.cat(tensors, dim=1 if embed_split_hidden else 0)
     if rest in _TP_SPLIT:
-        return torch.cat(tensors, dim=_TP_SPLIT[rest])
-    for other in tensors[1:]:  # replicated (norms)
+        return rest, torch.cat(tensors, dim=_TP_SPLIT[rest])
+    for other in tensors[1:]:  # replicated (norms, output biases)
         if not torch.equal(other, tensors[0]):
-            raise ConversionError(f"{name}: tensor-parallel copies of a replicated tensor differ")
-    return tensors[0]
+            raise ConversionError(f"{rest}: tensor-parallel copies of a replicated tensor differ")
+    return rest, tensors[0]
 
 
-def merge_internevo_shards(folder: Path, embed_split_hidden: bool) -> dict[str, torch.Tensor]:
+def merge_internevo_shards(
+    folder: Path, embed_split_hidden: bool, head_dim: int, hidden: int
+) -> dict[str, torch.Tensor]:
     """All shards of one checkpoint step -> one state dict with global layer numbers."""
     tp, pp = _shard_grid(folder)
     merged: dict[str, torch.Tensor] = {}
     offset = 0
     for stage in range(pp):
         shards = [safe_load(folder / f"model_tp{t}_pp{stage}.pt") for t in range(tp)]
-        shards = [
-            s.get("model", s) if isinstance(s, dict) and "model" in s and len(s) == 1 else s
-            for s in shards
-        ]
         local_layers = set()
         for name in shards[0]:
             if name.endswith("inv_freq"):
@@ -102,10 +125,15 @@ def merge_internevo_shards(folder: Path, embed_split_hidden: bool) -> dict[str, 
             tensors = [shard[name] for shard in shards]
             bare = name.removeprefix("model.")
             match = LAYER_KEY.match(bare)
+            rest = match.group(2) if match else bare
+            rest, tensor = _merge_tensor_parallel(
+                rest, tensors, embed_split_hidden, head_dim, hidden
+            )
             if match:
                 local_layers.add(int(match.group(1)))
-                bare = f"layers.{int(match.group(1)) + offset}.{match.group(2)}"
-            merged[bare] = _merge_tensor_parallel(name, tensors, embed_split_hidden)
+                word = bare.split(".", 1)[0]  # 'layers' (InternLM2, LLAMA2) or 'blocks' (v1)
+                rest = f"{word}.{int(match.group(1)) + offset}.{rest}"
+            merged[rest] = tensor
         offset += len(local_layers)
     return merged
 
@@ -175,27 +203,37 @@ def write_llama_folder(
     return output
 
 
+def _detect_model_type(merged: dict[str, torch.Tensor]) -> str:
+    if any(k.endswith("mixer.Wqkv.weight") for k in merged):
+        return "INTERNLM"
+    if any(k.endswith("attention.wq.weight") for k in merged):
+        return "LLAMA2"
+    if any(k.endswith("attention.wqkv.weight") for k in merged):
+        return "INTERNLM2_PUBLIC"
+    raise ConversionError("tensor names match none of INTERNLM, INTERNLM2_PUBLIC, LLAMA2")
+
+
 def convert_internevo_checkpoint(folder: Path, output: Path, model_type: str | None = None) -> Path:
     model = read_model_config(folder)
-    merged = merge_internevo_shards(folder, bool(model.get("embed_split_hidden", False)))
-    detected = (
-        "LLAMA2" if any(k.endswith("attention.wq.weight") for k in merged) else "INTERNLM2_PUBLIC"
+    hidden, heads = int(model["hidden_size"]), int(model["num_attention_heads"])
+    merged = merge_internevo_shards(
+        folder, bool(model.get("embed_split_hidden", False)), hidden // heads, hidden
     )
+    detected = _detect_model_type(merged)
     if model_type is not None and model_type != detected:
         raise ConversionError(f"--model-type {model_type}: the tensors look like {detected}")
-    if not any(k.endswith(("attention.wqkv.weight", "attention.wq.weight")) for k in merged):
-        raise ConversionError(
-            f"{folder}: tensor names are not InternLM2/LLAMA2 (InternLM v1 'Wqkv' checkpoints are "
-            "not supported yet)"
-        )
     shape = Shape(
-        int(model["hidden_size"]),
-        int(model["num_layers"]),
-        int(model["num_attention_heads"]),
-        int(model.get("num_kv_attention_heads", model["num_attention_heads"])),
+        hidden, int(model["num_layers"]), heads, int(model.get("num_kv_attention_heads", heads))
     )
-    weights = internlm2_to_llama(merged, shape, interleaved_rotary=not model.get("adapt_hf", True))
-    return write_llama_folder(llama_config_for(model, weights), weights, output)
+    if detected == "INTERNLM":
+        weights = internlm1_to_llama(merged, shape)
+    else:
+        weights = internlm2_to_llama(
+            merged, shape, interleaved_rotary=not model.get("adapt_hf", True)
+        )
+    config = llama_config_for(model, weights)
+    config.attention_bias = detected == "INTERNLM"
+    return write_llama_folder(config, weights, output)
 
 
 def convert_internlm2_hf(folder: Path, output: Path) -> Path:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-LAYER_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
+LAYER_KEY = re.compile(r"^(?:model\.)?(?:layers|blocks)\.(\d+)\.(.+)$")
 
 
 class ConversionError(ValueError):
@@ -105,4 +105,50 @@ def internlm2_to_llama(
         if rest not in simple:
             raise ConversionError(f"unexpected tensor {name!r}")
         converted[prefix + simple[rest]] = tensor
+    return converted
+
+
+_V1_LAYER = {
+    "mixer.out_proj.weight": "self_attn.o_proj.weight",
+    "mixer.out_proj.bias": "self_attn.o_proj.bias",
+    "norm1.weight": "input_layernorm.weight",
+    "norm2.weight": "post_attention_layernorm.weight",
+    "mlp.w1.weight": "mlp.gate_proj.weight",
+    "mlp.up.weight": "mlp.up_proj.weight",
+    "mlp.down.weight": "mlp.down_proj.weight",
+}
+V1_EMBEDDINGS = ("embedding.word_embeddings.weight", "embedding.weight", "tok_embeddings.weight")
+
+
+def internlm1_to_llama(
+    weights: Mapping[str, torch.Tensor], shape: Shape
+) -> dict[str, torch.Tensor]:
+    """InternLM v1 (merged: Wqkv as (3, heads, head_dim, hidden), MLP roles resolved) -> Llama."""
+    converted: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        bare = name.removeprefix("model.")
+        match = LAYER_KEY.match(bare)
+        if match is None:
+            if bare in V1_EMBEDDINGS:
+                converted["model.embed_tokens.weight"] = tensor
+            elif bare in ("norm.weight", "head.weight"):
+                converted["model.norm.weight" if bare == "norm.weight" else "lm_head.weight"] = (
+                    tensor
+                )
+            else:
+                raise ConversionError(f"unexpected tensor {name!r}")
+            continue
+        prefix = f"model.layers.{int(match.group(1))}."
+        rest = match.group(2)
+        if rest in ("mixer.Wqkv.weight", "mixer.Wqkv.bias"):
+            kind = rest.rsplit(".", 1)[1]
+            for part, projection in zip(
+                tensor.reshape(3, -1, *tensor.shape[1:]), "qkv", strict=True
+            ):
+                converted[prefix + f"self_attn.{projection}_proj.{kind}"] = part
+            continue
+        if rest not in _V1_LAYER:
+            raise ConversionError(f"unexpected tensor {name!r}")
+        converted[prefix + _V1_LAYER[rest]] = tensor
+    del shape
     return converted
