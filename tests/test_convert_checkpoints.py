@@ -190,6 +190,24 @@ def test_llama2_layout_round_trip(tmp_path, original, adapt_hf):
         )
 
 
+def test_model_settings_from_config_file_pt(tmp_path, original):
+    write_internevo_checkpoint(original, tmp_path / "ckpt", 1, 2, True, False)
+    (tmp_path / "ckpt" / "model_config.pt").unlink()
+    text = (
+        f"SEQ_LEN = 64\nmodel = dict(num_layers={LAYERS}, hidden_size={HIDDEN}, "
+        f"num_attention_heads={HEADS}, num_kv_attention_heads={KV_HEADS}, "
+        "rope_base=1000000, layer_norm_epsilon=1e-5, adapt_hf=True)\n"
+    )
+    torch.save(text, tmp_path / "ckpt" / "config_file.pt")
+    out = convert_internevo_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
+    converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    reference = LlamaForCausalLM(original.config)
+    reference.load_state_dict(
+        {k: v.to(torch.bfloat16).float() for k, v in original.state_dict().items()}
+    )
+    torch.testing.assert_close(_logits(converted), _logits(reference.eval()), atol=1e-5, rtol=1e-5)
+
+
 def test_rotary_layout_permutation_is_undone():
     weight = torch.randn(HEADS * 16, HIDDEN)
     stored = _interleave(weight, HEADS)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -139,15 +140,31 @@ def merge_internevo_shards(
 
 
 def read_model_config(folder: Path) -> dict[str, Any]:
+    """model_config.pt, or the ``model`` dict of the config text saved as config_file.pt."""
     path = folder / "model_config.pt"
-    if not path.is_file():
+    if path.is_file():
+        config = safe_load(path)
+        if not isinstance(config, dict):
+            raise ConversionError(f"{path}: expected a dict of model settings")
+        return config
+    text_path = folder / "config_file.pt"
+    if not text_path.is_file():
         raise ConversionError(
-            f"{folder}: no model_config.pt (InternEvo writes it with every checkpoint)"
+            f"{folder}: neither model_config.pt nor config_file.pt (InternEvo writes both)"
         )
-    config = safe_load(path)
-    if not isinstance(config, dict):
-        raise ConversionError(f"{path}: expected a dict of model settings")
-    return config
+    text = safe_load(text_path)
+    if not isinstance(text, str):
+        raise ConversionError(f"{text_path}: expected the config file's text")
+    from .internevo_config import read_internevo_config
+
+    with tempfile.TemporaryDirectory() as scratch:
+        source = Path(scratch) / "config_file.py"
+        source.write_text(text)
+        entries, _ = read_internevo_config(source)
+    model = entries.get("model")
+    if not isinstance(model, dict) or "hidden_size" not in model:
+        raise ConversionError(f"{text_path}: the saved config has no usable model dict")
+    return dict(model)
 
 
 def llama_config_for(model: dict[str, Any], weights: dict[str, torch.Tensor]) -> LlamaConfig:
