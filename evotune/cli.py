@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="migrate InternEvo configs and checkpoints")
     convert_commands = convert.add_subparsers(dest="convert_command", required=True, metavar="WHAT")
     ckpt = convert_commands.add_parser(
-        "internevo-ckpt", help="InternEvo checkpoint step folder -> Hugging Face Llama folder"
+        "internevo-ckpt",
+        help="InternEvo checkpoint step folder (InternLM, InternLM2, Llama2) -> HF Llama",
     )
     ckpt.add_argument("checkpoint", help="save_ckpt_folder/<step> with model_tp*_pp*.pt")
     ckpt.add_argument("-o", "--output", required=True)
