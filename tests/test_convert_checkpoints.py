@@ -153,6 +153,15 @@ def write_internevo_checkpoint(
     )
 
 
+def _assert_matches_bf16_original(folder, original):
+    """InternEvo stores bf16: compare with the original model rounded to bf16."""
+    converted = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    reference = LlamaForCausalLM(original.config)
+    rounded = {k: v.to(torch.bfloat16).float() for k, v in original.state_dict().items()}
+    reference.load_state_dict(rounded)
+    torch.testing.assert_close(_logits(converted), _logits(reference.eval()), atol=1e-5, rtol=1e-5)
+
+
 def _logits(model):
     ids = torch.arange(1, 40).unsqueeze(0) % 127 + 1
     with torch.no_grad():
@@ -164,12 +173,7 @@ def _logits(model):
 def test_internevo_checkpoint_round_trip(tmp_path, original, adapt_hf, embed_split_hidden):
     write_internevo_checkpoint(original, tmp_path / "ckpt", 2, 2, adapt_hf, embed_split_hidden)
     out = convert_internevo_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
-    converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    reference = LlamaForCausalLM(original.config)
-    reference.load_state_dict(
-        {k: v.to(torch.bfloat16).float() for k, v in original.state_dict().items()}
-    )
-    torch.testing.assert_close(_logits(converted), _logits(reference.eval()), atol=1e-5, rtol=1e-5)
+    _assert_matches_bf16_original(out, original)
 
 
 @pytest.mark.parametrize("adapt_hf", [True, False])
@@ -178,12 +182,7 @@ def test_llama2_layout_round_trip(tmp_path, original, adapt_hf):
         original, tmp_path / "ckpt", 2, 2, adapt_hf, False, layer_layout=_llama2_layer
     )
     out = convert_internevo_checkpoint(tmp_path / "ckpt", tmp_path / "hf", model_type="LLAMA2")
-    converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    reference = LlamaForCausalLM(original.config)
-    reference.load_state_dict(
-        {k: v.to(torch.bfloat16).float() for k, v in original.state_dict().items()}
-    )
-    torch.testing.assert_close(_logits(converted), _logits(reference.eval()), atol=1e-5, rtol=1e-5)
+    _assert_matches_bf16_original(out, original)
     with pytest.raises(ConversionError, match="look like LLAMA2"):
         convert_internevo_checkpoint(
             tmp_path / "ckpt", tmp_path / "hf2", model_type="INTERNLM2_PUBLIC"
@@ -200,12 +199,7 @@ def test_model_settings_from_config_file_pt(tmp_path, original):
     )
     torch.save(text, tmp_path / "ckpt" / "config_file.pt")
     out = convert_internevo_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
-    converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    reference = LlamaForCausalLM(original.config)
-    reference.load_state_dict(
-        {k: v.to(torch.bfloat16).float() for k, v in original.state_dict().items()}
-    )
-    torch.testing.assert_close(_logits(converted), _logits(reference.eval()), atol=1e-5, rtol=1e-5)
+    _assert_matches_bf16_original(out, original)
 
 
 def test_rotary_layout_permutation_is_undone():
