@@ -396,7 +396,7 @@ def _check_consistency(source: Path, s: TrainConfig) -> None:
                 )
 
 
-def _check_component(source: Path, key: str, spec: Any, owned: Sequence[str] = ()) -> None:
+def _check_component(source: Path, key: str, spec: Any) -> None:
     if spec is None or not isinstance(spec, dict):
         return
     if "type" not in spec:

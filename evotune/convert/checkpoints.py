@@ -33,7 +33,6 @@ from .internlm2 import (
 )
 
 SHARD_NAME = re.compile(r"^model_tp(\d+)_pp(\d+)\.pt$")
-MODEL_TYPES = ("INTERNLM", "INTERNLM2_PUBLIC", "LLAMA2")
 
 # dimension along which InternEvo splits each tensor over tensor-parallel ranks
 _TP_SPLIT = {

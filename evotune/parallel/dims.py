@@ -95,13 +95,6 @@ class ParallelDims:
         dist.all_reduce(tensor, group=group)
         return tensor.tolist()
 
-    def all_reduce_max(self, values: list[float]) -> list[float]:
-        if not self.is_distributed:
-            return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor.tolist()
-
     def barrier(self) -> None:
         if self.is_distributed:
             dist.barrier()
