@@ -140,13 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(error: BaseException) -> int:
-    from .config import ConfigError
-    from .data.ftdp import DataError
-    from .fileio import OutputExistsError
+    from .errors import UserError
     from .launch import record_failure
 
-    if isinstance(error, ConfigError | DataError | OutputExistsError):
-        code, cause = EXIT_USER_ERROR, str(error)
+    if isinstance(error, UserError):
+        code, cause = error.exit_code, str(error)
     else:
         traceback.print_exc()
         code, cause = EXIT_FAILURE, f"{type(error).__name__}: {error}"
@@ -180,47 +178,37 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .config import ConfigError
-    from .convert.internlm2 import ConversionError
+    if args.convert_command == "internevo-ckpt":
+        from .convert.checkpoints import convert_internevo_checkpoint
 
-    try:
-        if args.convert_command == "internevo-ckpt":
-            from .convert.checkpoints import convert_internevo_checkpoint
+        output = convert_internevo_checkpoint(
+            Path(args.checkpoint), Path(args.output), args.model_type
+        )
+    elif args.convert_command == "internlm2-to-llama":
+        from .convert.checkpoints import convert_internlm2_hf
 
-            output = convert_internevo_checkpoint(
-                Path(args.checkpoint), Path(args.output), args.model_type
-            )
-        elif args.convert_command == "internlm2-to-llama":
-            from .convert.checkpoints import convert_internlm2_hf
+        output = convert_internlm2_hf(Path(args.folder), Path(args.output))
+    else:
+        from .convert.internevo_config import convert_internevo_config
 
-            output = convert_internlm2_hf(Path(args.folder), Path(args.output))
-        else:
-            from .convert.internevo_config import convert_internevo_config
-
-            report = convert_internevo_config(
-                Path(args.config),
-                Path(args.output),
-                world_size=args.world_size,
-                internevo_root=args.internevo_root,
-                model=args.model,
-                allow_approximate=args.allow_approximate,
-            )
-            print(report)
-            output = Path(args.output)
-    except ConversionError as error:
-        raise ConfigError(str(error)) from None
+        report = convert_internevo_config(
+            Path(args.config),
+            Path(args.output),
+            world_size=args.world_size,
+            internevo_root=args.internevo_root,
+            model=args.model,
+            allow_approximate=args.allow_approximate,
+        )
+        print(report)
+        output = Path(args.output)
     print(f"wrote {output}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .config import ConfigError
     from .train.checkpoint import export_hf
 
-    try:
-        output = export_hf(Path(args.checkpoint), Path(args.output))
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    output = export_hf(Path(args.checkpoint), Path(args.output))
     print(f"exported {args.checkpoint} -> {output}")
     return 0
 

@@ -13,6 +13,8 @@ in the file before it runs, so every later line that uses the name (for example
 
 from __future__ import annotations
 
+from .errors import ConfigError
+
 import ast
 import dataclasses
 import difflib
@@ -26,8 +28,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-class ConfigError(ValueError):
-    """A mistake in a config file or override; the message names the key and the fix."""
 
 
 DType = Literal["float32", "bfloat16"]

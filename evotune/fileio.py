@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .errors import OutputExistsError
+
 import contextlib
 import os
 import shutil
@@ -9,8 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-class OutputExistsError(ValueError):
-    """The output folder already holds files; evotune never overwrites them."""
 
 
 @contextlib.contextmanager

@@ -9,6 +9,8 @@ InternEvo's ``adapt_hf=False`` store every q/k head with interleaved rotary pair
 
 from __future__ import annotations
 
+from ..errors import ConversionError
+
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,8 +20,6 @@ import torch
 LAYER_KEY = re.compile(r"^(?:model\.)?(?:layers|blocks)\.(\d+)\.(.+)$")
 
 
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted; the message says which tensor and why."""
 
 
 @dataclass(frozen=True)

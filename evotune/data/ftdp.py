@@ -7,6 +7,8 @@ DataLoader worker) can build the index independently in seconds.
 
 from __future__ import annotations
 
+from ..errors import DataError
+
 import logging
 import mmap
 import os
@@ -20,8 +22,6 @@ import orjson
 logger = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
-    """Bad dataset input; the message names the file (and line) and what to do."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ chunk's logits exist at any moment, in the forward and in the backward.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -53,6 +55,29 @@ def chunked_cross_entropy_sum(
         else:
             total = total + _chunk_loss_sum(lm_head, chunk_hidden, chunk_labels, logit_softcap)
     return total
+
+
+class PackedLoss(NamedTuple):
+    """What one micro-batch's forward hands the engine.
+
+    ``loss_sum``: fp32 sum of token cross-entropies over the row's trainable labels
+    (this rank's slice under sequence parallelism). ``aux_loss``: a term added to
+    the objective as is (already multiplied by its coefficient, e.g. an MoE router
+    load-balancing loss), or None for dense models.
+    """
+
+    loss_sum: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+
+
+def packed_loss(
+    model: torch.nn.Module,
+    batch,
+    chunk_size: int = 4096,
+    sequence_parallel=None,
+) -> PackedLoss:
+    """Forward one packed row; the loss sum and the model's auxiliary loss, if any."""
+    return PackedLoss(packed_loss_sum(model, batch, chunk_size, sequence_parallel))
 
 
 def packed_loss_sum(

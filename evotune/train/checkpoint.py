@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..fileio import atomic_folder
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -133,7 +134,7 @@ def export_hf(checkpoint: Path, output: Path) -> Path:
 
     source = checkpoint / "hf"
     if not (checkpoint / COMPLETE_MARKER).is_file() or not (source / "config.json").is_file():
-        raise ValueError(
+        raise ConfigError(
             f"{checkpoint}: not a complete evotune checkpoint (expected COMPLETE and hf/config.json)"
         )
     with atomic_folder(output) as temporary:
