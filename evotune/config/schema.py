@@ -1,0 +1,174 @@
+"""What a config may say: every setting, its type, its default and its meaning.
+
+``TrainConfig`` is the one list of settings. The string under each field is its
+documentation: ``setting_docs()`` reads those strings from this file's source, and
+``evotune.config.reference`` turns them into the README's settings reference.
+Each choice setting is a ``Literal``; its allowed values come from that type alone
+(``choices(...)``), and modules that need the same list import it from here.
+
+One name per concept, matching InternEvo:
+
+* ``max_length`` is the packed length, the tokens of one pack (InternEvo's
+  ``micro_bsz * seq_len`` in packed mode).
+* ``max_length_per_sample`` (an argument of ``build_packed_dataset``) is
+  InternEvo's ``seq_len``: the longest sample segment inside a pack.
+* ``accumulative_counts`` is InternEvo's ``micro_num``: micro-batches per
+  optimizer step.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import itertools
+import typing
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Literal
+
+DType = Literal["float32", "bfloat16"]
+LossReduction = Literal["pack", "token"]
+LRSchedule = Literal["internevo", "xtuner", "constant"]
+WeightDecayScope = Literal["all", "no_bias_norm"]
+AttnImplementation = Literal["auto", "sdpa", "flex_attention", "eager", "flash_attention_2"]
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The allowed values of a choice setting, read from its ``Literal`` type."""
+    return tuple(typing.get_args(literal))
+
+
+DTYPES = choices(DType)
+LOSS_REDUCTIONS = choices(LossReduction)
+LR_SCHEDULES = choices(LRSchedule)
+WEIGHT_DECAY_SCOPES = choices(WeightDecayScope)
+ATTN_IMPLEMENTATIONS = choices(AttnImplementation)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting evotune reads, with InternEvo's behaviour as the default."""
+
+    # -- model -----------------------------------------------------------------
+    pretrained_model_name_or_path: str = ""
+    """Required. A local Hugging Face model folder or a hub id; its weights are the start."""
+    tokenizer_name_or_path: str | None = None
+    """Tokenizer saved with checkpoints; None: the model's own folder (weights only if absent)."""
+    dtype: DType = "float32"
+    """Training precision. 'bfloat16' computes in bf16 and keeps fp32 master weights;
+    checkpoints are written in this dtype."""
+    attn_implementation: AttnImplementation = "auto"
+    """Varlen attention kernel. 'auto': flash-attn on CUDA when installed, else SDPA."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward (non-reentrant) to save memory."""
+
+    # -- data ------------------------------------------------------------------
+    dataset_folder: str | None = None
+    """Folder of InternEvo tokenized (ftdp) shards; used when train_dataset is not set."""
+    max_length: int = 2048
+    """Packed length: the tokens of one pack (InternEvo's micro_bsz * seq_len in packed mode).
+    The longest sample segment is build_packed_dataset's max_length_per_sample, InternEvo's
+    seq_len."""
+    pack_to_max_length: bool = True
+    """Always True: ftdp samples are packed into rows of max_length tokens."""
+    use_varlen_attn: bool = True
+    """True: attention stays inside each sample of a pack. False: fixed windows of
+    max_length_per_sample tokens, ignoring sample edges (InternEvo's use_packed_dataset=False)."""
+    batch_size: int = 1
+    """Packs per micro-batch, flattened into one varlen row."""
+    num_workers: int = 0
+    """DataLoader worker processes that read and pack shards."""
+    dataset_weights: dict[str, float] | None = None
+    """Sampling weight per subfolder of the dataset ('en/wiki': 2.0); unlisted packs weigh 1.
+    Needs the InternRepoSampler."""
+    train_dataset: dict[str, Any] | None = None
+    """Component: dict(type=build_packed_dataset, dataset_cfg=..., packed_length=max_length,
+    ...). None: the dataset_folder packed with InternEvo's defaults."""
+    train_dataloader: dict[str, Any] | None = None
+    """Component: dict(sampler=dict(type=InternRepoSampler, ...)); may repeat batch_size and
+    num_workers (equal values only) and dataset=train_dataset."""
+
+    # -- optimisation ----------------------------------------------------------
+    accumulative_counts: int = 1
+    """Micro-batches per optimizer step (InternEvo's micro_num)."""
+    max_epochs: int = 1
+    """Passes over the data; ignored when total_steps is set."""
+    total_steps: int | None = None
+    """Optimizer steps to run; wins over max_epochs. None: derived from max_epochs."""
+    loss_reduction: LossReduction = "pack"
+    """'pack': mean over micro-batches of each micro-batch's token mean (InternEvo);
+    'token': one mean over every trainable token of the step."""
+    loss_chunk_size: int = 4096
+    """Positions per chunk of the fp32 LM head and cross-entropy (bounds logits memory)."""
+    lr: float = 2e-5
+    """Peak learning rate of AdamW."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    weight_decay_scope: WeightDecayScope = "all"
+    """'all': decay every parameter (InternEvo); 'no_bias_norm': spare biases and norms (HF)."""
+    max_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    lr_schedule: LRSchedule = "internevo"
+    """'internevo': linear warm-up then cosine to eta_min (FineTuneCosineAnnealingWarmupLR);
+    'xtuner': warm-up from lr/40 then cosine; 'constant': lr throughout."""
+    warmup_ratio: float = 0.0
+    """Fraction of total_steps spent warming up, in [0, 1)."""
+    init_steps: int = 0
+    """InternEvo's init_steps: steps at lr 0 before the warm-up starts."""
+    eta_min: float | None = None
+    """Final learning rate of the cosine. None: 0.15 * lr for 'xtuner', else 0."""
+    max_consecutive_skipped_steps: int = 10
+    """Stop after this many steps in a row with a non-finite loss or gradient norm."""
+
+    # -- parallelism -----------------------------------------------------------
+    sequence_parallel_size: int = 1
+    """Ulysses sequence-parallel degree: ranks that share one pack."""
+    deepspeed: str | None = None
+    """A DeepSpeed preset (deepspeed_zero1/2/3, deepspeed_zero2_offload, deepspeed_zero3_offload)
+    or a JSON file; None: plain PyTorch (DDP when distributed)."""
+
+    # -- run -------------------------------------------------------------------
+    seed: int = 0
+    """Seed of model-side randomness (dropout); data order has its own seeds in the components."""
+    save_steps: int = 500
+    """Save a checkpoint every this many steps, and at the end."""
+    save_total_limit: int = 2
+    """Keep this many newest checkpoints; -1 keeps all."""
+    log_interval: int = 1
+    """Log a console line every this many steps (when the progress bar is off)."""
+    work_dir: str | None = None
+    """Output folder; --work-dir wins. None: ./work_dirs/<config file stem>."""
+
+    def resolved_eta_min(self) -> float:
+        """eta_min, or the default of the chosen lr_schedule when it is None."""
+        if self.eta_min is not None:
+            return self.eta_min
+        return 0.15 * self.lr if self.lr_schedule == "xtuner" else 0.0
+
+
+SETTING_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+COMPONENT_NAMES = ("train_dataset", "train_dataloader")
+DATALOADER_KEYS = ("dataset", "sampler", "batch_size", "num_workers")
+
+
+@cache
+def setting_docs() -> dict[str, str]:
+    """Each setting's attribute docstring, read from TrainConfig's source (one line each)."""
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for statement, following in itertools.pairwise(body):
+        if (
+            isinstance(statement, ast.AnnAssign)
+            and isinstance(statement.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[statement.target.id] = " ".join(following.value.value.split())
+    return docs
