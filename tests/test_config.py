@@ -110,3 +110,184 @@ def test_render_round_trips(config_file, tmp_path):
     saved.write_text(loaded.render())
     again = load_config(saved).settings
     assert again == loaded.settings
+
+
+# -- overrides reach every way a file binds a name --------------------------------
+
+HEADER = "pretrained_model_name_or_path = '/models/tiny'\ndataset_folder = '/data'\n"
+
+
+def write(path, text):
+    path.write_text(HEADER + text)
+    return path
+
+
+def test_override_reaches_tuple_unpacking(tmp_path):
+    path = write(
+        tmp_path / "cfg.py",
+        "lr, betas, weight_decay, max_norm = 2e-5, (0.9, 0.95), 0.01, 1.0\n"
+        "train_dataset = dict(type=dict, peak=lr)\n",
+    )
+    settings = load_config(path, ["lr=1e-3"]).settings
+    assert settings.lr == 1e-3 and settings.train_dataset["peak"] == 1e-3
+    assert settings.betas == (0.9, 0.95) and settings.weight_decay == 0.01
+    assert load_config(path).settings.lr == 2e-5
+
+
+def test_override_wins_over_augmented_assignment(tmp_path):
+    path = write(
+        tmp_path / "cfg.py",
+        "sequence_parallel_size = 2\n"
+        "accumulative_counts = 3\n"
+        "accumulative_counts *= sequence_parallel_size\n"
+        "train_dataset = dict(type=dict, micro_num=accumulative_counts)\n",
+    )
+    assert load_config(path).settings.accumulative_counts == 6
+    settings = load_config(path, ["accumulative_counts=4"]).settings
+    assert settings.accumulative_counts == 4 and settings.train_dataset["micro_num"] == 4
+
+
+def test_override_reaches_names_bound_in_blocks(tmp_path):
+    path = write(
+        tmp_path / "cfg.py",
+        "if True:\n"
+        "    max_length = 64\n"
+        "    train_dataset = dict(type=dict, packed_length=max_length)\n"
+        "for max_norm in (0.5, 2.0):\n"
+        "    pass\n",
+    )
+    settings = load_config(path, ["max_length=32", "max_norm=0.25"]).settings
+    assert settings.max_length == 32 and settings.train_dataset["packed_length"] == 32
+    assert settings.max_norm == 0.25
+    assert load_config(path).settings.max_norm == 2.0
+
+
+def test_override_of_a_helper_variable(tmp_path):
+    path = write(
+        tmp_path / "cfg.py",
+        "_min_length = 50\nmin_length = 7\n"
+        "train_dataset = dict(type=dict, min_length=_min_length, other=min_length)\n",
+    )
+    settings = load_config(path, ["_min_length=0", "min_length=3"]).settings
+    assert settings.train_dataset == {"type": dict, "min_length": 0, "other": 3}
+
+
+def test_override_of_an_undefined_name_is_refused(tmp_path):
+    path = write(tmp_path / "cfg.py", "_min_length = 50\ntrain_dataset = dict(type=dict)\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"'_min_lenght' is neither a setting nor a name .*"
+        r"did you mean '_min_length'",
+    ):
+        load_config(path, ["_min_lenght=0"])
+    with pytest.raises(ConfigError, match=r"unknown setting '_min_length'.*dotted keys"):
+        load_config(path, ["_min_length.x=0"])
+
+
+# -- base configs -------------------------------------------------------------------
+
+BASE = """
+pretrained_model_name_or_path = '/models/tiny'
+dataset_folder = '/data'
+max_length = 64
+_min_length = 50
+train_dataset = dict(type=dict, packed_length=max_length, min_length=_min_length)
+"""
+
+
+def test_base_config_star_import_and_overrides(tmp_path):
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "base.py").write_text(BASE)
+    (tmp_path / "runs").mkdir()
+    child = tmp_path / "runs" / "child.py"
+    child.write_text(
+        "from ..common.base import *\n"
+        "lr = 1e-4\n"
+        "train_dataloader = dict(sampler=dict(type=dict, window=max_length * 2))\n"
+    )
+    settings = load_config(child).settings
+    assert settings.max_length == 64 and settings.lr == 1e-4
+    assert settings.train_dataset["packed_length"] == 64
+    assert settings.train_dataset["min_length"] == 50
+    settings = load_config(child, ["max_length=32", "_min_length=0"]).settings
+    assert settings.max_length == 32
+    assert settings.train_dataset["packed_length"] == 32  # used inside the base
+    assert settings.train_dataset["min_length"] == 0  # a private helper of the base
+    assert settings.train_dataloader["sampler"]["window"] == 64  # used by the child
+
+
+def test_base_config_named_import_and_errors(tmp_path):
+    (tmp_path / "base.py").write_text(BASE)
+    child = tmp_path / "child.py"
+    child.write_text(
+        "from .base import max_length as base_length, pretrained_model_name_or_path\n"
+        "dataset_folder = '/data'\n"
+        "max_length = base_length // 2\n"
+    )
+    assert load_config(child).settings.max_length == 32
+    child.write_text("from .missing import *\n")
+    with pytest.raises(ConfigError, match=r"child.py:1: base config .*missing.py not found"):
+        load_config(child)
+    child.write_text("from .base import lr\n")
+    with pytest.raises(ConfigError, match=r"child.py:1: base config .*base.py defines no 'lr'"):
+        load_config(child)
+    (tmp_path / "base.py").write_text("from .child import *\n")
+    child.write_text("from .base import *\n")
+    with pytest.raises(ConfigError, match=r"cycle \(child.py -> base.py -> child.py\)"):
+        load_config(child)
+
+
+def test_error_in_base_names_base_line(tmp_path):
+    (tmp_path / "base.py").write_text("x = 1\nmax_length = 1 / 0\n")
+    (tmp_path / "child.py").write_text("from .base import *\n")
+    with pytest.raises(ConfigError, match=r"base.py:2: the config raised ZeroDivisionError"):
+        load_config(tmp_path / "child.py")
+
+
+# -- helper variables and XTuner sections --------------------------------------------
+
+
+def test_helpers_read_by_the_file_are_not_settings(tmp_path):
+    path = write(
+        tmp_path / "cfg.py",
+        "min_length = 50\nprompt_template = 'internlm2_chat'\nSYSTEM = ''\n"
+        "train_dataset = dict(type=dict, min_length=min_length)\n"
+        "_notes = dict(template=prompt_template, system=SYSTEM)\n",
+    )
+    loaded = load_config(path)
+    assert loaded.settings.train_dataset["min_length"] == 50
+    assert "\nmin_length =" not in loaded.render() and "\nSYSTEM" not in loaded.render()
+
+
+def test_all_unknown_names_reported_at_once(tmp_path):
+    path = write(
+        tmp_path / "cfg.py",
+        "max_lenght = 3\ndataloader_num_workers = 0\nmin_length = 1\n"
+        "train_dataset = dict(type=dict, min_length=min_length)\n",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "unknown settings 'max_lenght' (did you mean 'max_length'?), " in message
+    assert "'dataloader_num_workers'" in message and "'min_length'" not in message
+
+
+def test_xtuner_sections_point_to_evotune_settings(tmp_path):
+    path = write(
+        tmp_path / "cfg.py",
+        "from torch.optim import AdamW\n"
+        "lr = 2e-4\n"
+        "optim_type = AdamW\n"
+        "optim_wrapper = dict(optimizer=dict(type=optim_type, lr=lr))\n"
+        "param_scheduler = [dict(type=dict, eta_min=0.0)]\n"
+        "typo_setting = 1\n",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "\n" not in message and "prefix" not in message.split(";")[0]
+    assert "optim_wrapper (set lr, betas, eps, weight_decay" in message
+    assert "param_scheduler (set lr_schedule, warmup_ratio, eta_min" in message
+    assert "evotune convert xtuner-config" in message
+    assert "unknown setting 'typo_setting'" in message

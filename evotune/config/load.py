@@ -4,10 +4,15 @@ A config is a Python file executed as a module. Its plain top-level values are
 settings (PART 1 in XTuner's layout); dicts with a ``type`` key are components
 that evotune builds later, in data-flow order (``build.py``).
 
-``--cfg-options name=value`` for a top-level name rewrites that name's assignment
-in the file before it runs, so every later line that uses the name (for example
-``packed_length=max_length`` inside a component) sees the override. Dotted keys
+``--cfg-options name=value`` sets any top-level name the file binds, a setting or
+a helper: the override is bound again after every statement that binds the name,
+so later lines that read it see it (``execute.py``). Dotted keys
 (``train_dataset.seed=7``) set a key of a component after the file ran.
+
+Every top-level name must be a setting, a helper that some line of the config reads,
+a private ``_name``, or code (imports, functions); the rest are reported together in
+one line. XTuner sections evotune does not read (``optim_wrapper``,
+``param_scheduler``, ...) are refused with the settings that replace them.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .execute import ConfigRun
 from .render import render_config
-from .schema import SETTING_NAMES, TrainConfig
+from .schema import SETTING_NAMES, XTUNER_SECTIONS, TrainConfig
 from .validate import suggest, validate
 
 
@@ -43,20 +49,22 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> LoadedConfig
     source = Path(path)
     if not source.is_file():
         raise ConfigError(f"{source}: config file not found; pass the path of a Python config")
-    top_level, dotted = _parse_overrides(source, overrides)
-    namespace = _execute(source, top_level)
+    top_level, dotted = _parse_overrides(overrides)
+    _check_dotted_roots(dotted)
+    run = ConfigRun(top_level)
+    namespace = run.execute(source)
+    _check_override_names(source, top_level, run.bound_names)
     for name, value in top_level.items():
-        namespace.setdefault(name, value)
-    values = _settings_from_namespace(source, namespace)
+        if name in SETTING_NAMES or name in namespace:
+            namespace[name] = value
+    values = _settings_from_namespace(source, namespace, run.read_names)
     for dotted_key, value in dotted.items():
         _set_dotted(source, values, dotted_key, value)
     settings = validate(source, values)
     return LoadedConfig(settings=settings, source=source, overrides=list(overrides))
 
 
-def _parse_overrides(
-    source: Path, overrides: Sequence[str]
-) -> tuple[dict[str, Any], dict[str, Any]]:
+def _parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     top_level: dict[str, Any] = {}
     dotted: dict[str, Any] = {}
     for item in overrides:
@@ -64,14 +72,31 @@ def _parse_overrides(
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--cfg-options {item!r}: expected key=value, e.g. max_length=2048")
-        value = _parse_value(text.strip())
+        root = key.split(".")[0]
+        if not root.isidentifier():
+            raise ConfigError(f"--cfg-options {key}: {root!r} is not a Python name")
+        (dotted if "." in key else top_level)[key] = _parse_value(text.strip())
+    return top_level, dotted
+
+
+def _check_dotted_roots(dotted: Mapping[str, Any]) -> None:
+    for key in dotted:
         root = key.split(".")[0]
         if root not in SETTING_NAMES:
             raise ConfigError(
-                f"--cfg-options {key}: unknown setting {root!r}{suggest(root, SETTING_NAMES)}"
+                f"--cfg-options {key}: unknown setting {root!r}{suggest(root, SETTING_NAMES)}; "
+                "dotted keys set a key of a component setting (train_dataset.seed=7)"
             )
-        (dotted if "." in key else top_level)[key] = value
-    return top_level, dotted
+
+
+def _check_override_names(source: Path, top_level: Mapping[str, Any], bound: set[str]) -> None:
+    for key in top_level:
+        if key not in SETTING_NAMES and key not in bound:
+            known = [*SETTING_NAMES, *sorted(n for n in bound if not n.startswith("__"))]
+            raise ConfigError(
+                f"--cfg-options {key}: {key!r} is neither a setting nor a name {source} "
+                f"defines{suggest(key, known)}"
+            )
 
 
 def _parse_value(text: str) -> Any:
@@ -86,71 +111,37 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _execute(source: Path, top_level_overrides: Mapping[str, Any]) -> dict[str, Any]:
-    text = source.read_text()
-    try:
-        tree = ast.parse(text, filename=str(source))
-    except SyntaxError as error:
-        raise ConfigError(f"{source}:{error.lineno}: syntax error: {error.msg}") from None
-    if top_level_overrides:
-        tree = _OverrideAssignments(top_level_overrides).visit(tree)
-        ast.fix_missing_locations(tree)
-    namespace: dict[str, Any] = {
-        "__file__": str(source.resolve()),
-        "__name__": "__evotune_config__",
-    }
-    try:
-        exec(compile(tree, str(source), "exec"), namespace)
-    except Exception as error:
-        line = _error_line(error, source)
-        raise ConfigError(
-            f"{source}{line}: the config raised {type(error).__name__}: {error}"
-        ) from error
-    return namespace
-
-
-def _error_line(error: BaseException, source: Path) -> str:
-    frame = error.__traceback__
-    line = ""
-    while frame is not None:
-        if frame.tb_frame.f_code.co_filename == str(source):
-            line = f":{frame.tb_lineno}"
-        frame = frame.tb_next
-    return line
-
-
-class _OverrideAssignments(ast.NodeTransformer):
-    """Replace the value of top-level ``name = ...`` for overridden names."""
-
-    def __init__(self, overrides: Mapping[str, Any]):
-        self.overrides = overrides
-
-    def visit_Module(self, node: ast.Module) -> ast.Module:
-        for statement in node.body:
-            targets: list[ast.expr] = []
-            if isinstance(statement, ast.Assign):
-                targets = statement.targets
-            elif isinstance(statement, ast.AnnAssign) and statement.value is not None:
-                targets = [statement.target]
-            names = [t.id for t in targets if isinstance(t, ast.Name)]
-            hit = [n for n in names if n in self.overrides]
-            if hit and len(targets) == 1:
-                literal = ast.parse(repr(self.overrides[hit[0]]), mode="eval").body
-                statement.value = literal
-        return node
-
-
-def _settings_from_namespace(source: Path, namespace: Mapping[str, Any]) -> dict[str, Any]:
+def _settings_from_namespace(
+    source: Path, namespace: Mapping[str, Any], read_names: set[str]
+) -> dict[str, Any]:
     values: dict[str, Any] = {}
+    foreign: list[str] = []
+    unknown: list[str] = []
     for name, value in namespace.items():
         if name.startswith("_") or _is_code(value):
             continue
-        if name not in SETTING_NAMES:
-            raise ConfigError(
-                f"{source}: unknown setting {name!r}{suggest(name, SETTING_NAMES)}; "
-                "rename it, or prefix a helper variable with '_'"
-            )
-        values[name] = value
+        if name in SETTING_NAMES:
+            values[name] = value
+        elif name in XTUNER_SECTIONS:
+            foreign.append(name)
+        elif name not in read_names:  # a name some line reads is a helper variable
+            unknown.append(name)
+    problems = []
+    if foreign:
+        listed = ", ".join(f"{n} (set {XTUNER_SECTIONS[n]} instead)" for n in foreign)
+        problems.append(
+            f"XTuner sections evotune does not read: {listed}; remove them, or convert the "
+            "file with `evotune convert xtuner-config`"
+        )
+    if unknown:
+        listed = ", ".join(f"{n!r}{suggest(n, SETTING_NAMES)}" for n in unknown)
+        plural = "s" if len(unknown) > 1 else ""
+        problems.append(
+            f"unknown setting{plural} {listed}; rename to a setting (see the settings "
+            "reference), use it in the config, or prefix a helper variable with '_'"
+        )
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
     return values
 
 

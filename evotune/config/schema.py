@@ -155,6 +155,31 @@ SETTING_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 COMPONENT_NAMES = ("train_dataset", "train_dataloader")
 DATALOADER_KEYS = ("dataset", "sampler", "batch_size", "num_workers")
 
+_OPTIMIZER = "lr, betas, eps, weight_decay, weight_decay_scope, max_norm"
+_SCHEDULE = "lr_schedule, warmup_ratio, eta_min, init_steps"
+XTUNER_SECTIONS: dict[str, str] = {
+    "optim_wrapper": _OPTIMIZER,
+    "optim_type": _OPTIMIZER,
+    "param_scheduler": _SCHEDULE,
+    "train_cfg": "max_epochs, total_steps",
+    "model": "pretrained_model_name_or_path, dtype, attn_implementation, gradient_checkpointing",
+    "llm": "pretrained_model_name_or_path",
+    "tokenizer": "tokenizer_name_or_path",
+    "default_hooks": "save_steps, save_total_limit, log_interval",
+    "custom_hooks": "save_steps, save_total_limit, log_interval",
+    "env_cfg": "seed",
+    "randomness": "seed",
+    "visualizer": "log_interval",
+    "log_processor": "log_interval",
+    "log_level": "log_interval",
+    "load_from": "pretrained_model_name_or_path, or --resume",
+    "resume": "--resume",
+}
+"""XTuner v0.1 config sections evotune does not read, with the settings that replace them.
+
+A copied section would otherwise be dropped without a word (an optimizer or a schedule
+the user chose), so loading refuses it and names the replacements."""
+
 
 @cache
 def setting_docs() -> dict[str, str]:
