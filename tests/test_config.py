@@ -291,3 +291,55 @@ def test_xtuner_sections_point_to_evotune_settings(tmp_path):
     assert "param_scheduler (set lr_schedule, warmup_ratio, eta_min" in message
     assert "evotune convert xtuner-config" in message
     assert "unknown setting 'typo_setting'" in message
+
+
+# -- provided arguments are never dropped while they carry something ----------------
+
+
+def _order(dataset, shuffle=True):
+    """A user sampler that knows nothing of ranks or weights."""
+    return list(range(len(dataset)))
+
+
+def test_sampler_without_weights_refuses_dataset_weights(config_file):
+    from evotune.data import InternRepoSampler, SequenceParallelSampler
+
+    dataset = build_component(load_config(config_file).settings.train_dataset)
+    provided = dict(dataset=dataset, micro_num=2, dp_size=2, dp_rank=1)
+    spec = dict(type=SequenceParallelSampler, seed=3)
+    with pytest.raises(
+        ConfigError,
+        match=r"SequenceParallelSampler takes no argument 'dataset_weights'.*"
+        r"the setting dataset_weights would be ignored",
+    ):
+        build_component(spec, **provided, dataset_weights={"en": 2.0})
+    sampler = build_component(spec, **provided, dataset_weights=None)  # micro_num: a hint
+    assert (sampler.dp_size, sampler.dp_rank, sampler.seed) == (2, 1, 3)
+    weighted = build_component(
+        dict(type=InternRepoSampler), **provided, dataset_weights={"en": 2.0}
+    )
+    assert weighted.dataset_weights == {"en": 2.0} and weighted.micro_num == 2
+
+
+def test_sampler_without_ranks_only_when_single_rank(config_file):
+    dataset = build_component(load_config(config_file).settings.train_dataset)
+    spec = dict(type=_order)
+    assert build_component(spec, dataset=dataset, dp_size=1, dp_rank=0) == list(range(len(dataset)))
+    with pytest.raises(ConfigError, match=r"_order takes no argument 'dp_size'.*same packs"):
+        build_component(spec, dataset=dataset, dp_size=2, dp_rank=0)
+    with pytest.raises(ConfigError, match=r"_order takes no argument 'seed'"):
+        build_component(spec, dataset=dataset, seed=5)
+
+
+def test_dataset_weights_with_sequence_parallel_sampler_refused_at_load(config_file):
+    config_file.write_text(
+        config_file.read_text()
+        + "from evotune.data import SequenceParallelSampler\n"
+        + "dataset_weights = {'en': 2.0}\n"
+        + "train_dataloader = dict(sampler=dict(type=SequenceParallelSampler))\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"dataset_weights: train_dataloader.sampler SequenceParallelSampler"
+    ):
+        load_config(config_file)
+    assert load_config(config_file, ["dataset_weights=None"]).settings.dataset_weights is None

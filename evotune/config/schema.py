@@ -155,6 +155,42 @@ SETTING_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 COMPONENT_NAMES = ("train_dataset", "train_dataloader")
 DATALOADER_KEYS = ("dataset", "sampler", "batch_size", "num_workers")
 
+
+@dataclass(frozen=True)
+class ProvidedArgument:
+    """An argument evotune passes to a component at build time (the sampler's ranks, say).
+
+    A target that does not take it may drop it only while its value is one of
+    ``neutral`` (dropping it then changes nothing); any other value would be lost, so
+    building stops with ``consequence`` and ``fix``. ``neutral=None`` marks a pure
+    hint that a target may always ignore.
+    """
+
+    neutral: tuple[Any, ...] | None
+    consequence: str = "evotune's value would be lost"
+    fix: str = "use a component that takes it"
+
+
+_SHARDING_FIX = (
+    "use a sampler that takes dp_size and dp_rank (InternRepoSampler, SequenceParallelSampler)"
+)
+PROVIDED_ARGUMENTS: dict[str, ProvidedArgument] = {
+    # InternEvo's truncation unit; an order that does not truncate by it loses nothing
+    "micro_num": ProvidedArgument(neutral=None),
+    "dp_size": ProvidedArgument(
+        (1,), "every data-parallel rank would read the same packs", _SHARDING_FIX
+    ),
+    "dp_rank": ProvidedArgument(
+        (0,), "every data-parallel rank would read the same packs", _SHARDING_FIX
+    ),
+    "dataset_weights": ProvidedArgument(
+        (None, {}),
+        "the setting dataset_weights would be ignored",
+        "remove dataset_weights, or use sampler=dict(type=InternRepoSampler)",
+    ),
+}
+"""The arguments the trainer provides by name; any other provided name is neutral at None."""
+
 _OPTIMIZER = "lr, betas, eps, weight_decay, weight_decay_scope, max_norm"
 _SCHEDULE = "lr_schedule, warmup_ratio, eta_min, init_steps"
 XTUNER_SECTIONS: dict[str, str] = {

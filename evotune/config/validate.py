@@ -10,12 +10,12 @@ import difflib
 import inspect
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ConfigError
-from .schema import COMPONENT_NAMES, DATALOADER_KEYS, TrainConfig
+from .schema import COMPONENT_NAMES, DATALOADER_KEYS, PROVIDED_ARGUMENTS, TrainConfig
 
 
 def suggest(name: str, choices: Sequence[str]) -> str:
@@ -150,6 +150,7 @@ def check_consistency(source: Path, s: TrainConfig) -> None:
                 fail("dataset_weights", f"weight of {key!r} must be >= 0, got {weight}")
     for component in COMPONENT_NAMES:
         check_component(source, component, getattr(s, component))
+    _check_sampler_takes_weights(source, s)
     if s.train_dataloader is not None:
         unknown = set(s.train_dataloader) - set(DATALOADER_KEYS)
         if unknown:
@@ -201,3 +202,30 @@ def check_component(source: Path, key: str, spec: Any) -> None:
 
 def qualified_name(target: Any) -> str:
     return getattr(target, "__qualname__", repr(target))
+
+
+def _check_sampler_takes_weights(source: Path, s: TrainConfig) -> None:
+    """dataset_weights reach the sampler as a provided argument: it must take them."""
+    sampler = (s.train_dataloader or {}).get("sampler")
+    if not s.dataset_weights or not isinstance(sampler, dict) or "type" not in sampler:
+        return
+    accepted = accepted_names(sampler["type"])
+    if accepted is None or "dataset_weights" in accepted or "dataset_weights" in sampler:
+        return
+    rule = PROVIDED_ARGUMENTS["dataset_weights"]
+    raise ConfigError(
+        f"{source}: dataset_weights: train_dataloader.sampler "
+        f"{qualified_name(sampler['type'])} takes no dataset_weights, so {rule.consequence}; "
+        f"{rule.fix}"
+    )
+
+
+def accepted_names(target: Any) -> Mapping[str, Any] | None:
+    """The target's parameter names, or None when it takes any keyword (or has no signature)."""
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return parameters
