@@ -343,3 +343,19 @@ def test_dataset_weights_with_sequence_parallel_sampler_refused_at_load(config_f
     ):
         load_config(config_file)
     assert load_config(config_file, ["dataset_weights=None"]).settings.dataset_weights is None
+
+
+def test_dataloader_dataset_must_be_train_dataset(config_file):
+    text = config_file.read_text()
+    config_file.write_text(text + "train_dataloader = dict(dataset=train_dataset)\n")
+    settings = load_config(config_file, ["train_dataset.seed=7"]).settings
+    assert settings.train_dataloader["dataset"] == settings.train_dataset
+    assert settings.train_dataset["seed"] == 7
+    config_file.write_text(
+        text + "train_dataloader = dict(dataset=dict(train_dataset, packed_length=8))\n"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"train_dataloader.dataset: evotune builds the dataset from train_dataset",
+    ):
+        load_config(config_file)

@@ -160,6 +160,15 @@ def check_consistency(source: Path, s: TrainConfig) -> None:
                 f"not a dataloader key{suggest(key, DATALOADER_KEYS)}; "
                 f"allowed: {', '.join(DATALOADER_KEYS)}",
             )
+        if "dataset" in s.train_dataloader and (
+            s.train_dataset is None or s.train_dataloader["dataset"] != s.train_dataset
+        ):
+            fail(
+                "train_dataloader.dataset",
+                "evotune builds the dataset from train_dataset and never reads this key; "
+                "define train_dataset = dict(type=build_packed_dataset, ...) and write "
+                "dataset=train_dataset here, or remove the key",
+            )
         for key in ("batch_size", "num_workers"):
             if key in s.train_dataloader and s.train_dataloader[key] != getattr(s, key):
                 fail(
