@@ -359,3 +359,44 @@ def test_dataloader_dataset_must_be_train_dataset(config_file):
         match=r"train_dataloader.dataset: evotune builds the dataset from train_dataset",
     ):
         load_config(config_file)
+
+
+# -- DeepSpeed JSON: a key is used or refused ----------------------------------------
+
+
+def _deepspeed(tmp_path, **entries):
+    import json
+
+    from evotune.config import TrainConfig
+    from evotune.parallel.deepspeed_engine import load_deepspeed_config
+    from evotune.parallel.dims import ParallelDims
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **entries}))
+    settings = TrainConfig(pretrained_model_name_or_path="m", accumulative_counts=3)
+    return load_deepspeed_config(str(path), settings, ParallelDims(world_size=4, sp_size=2))
+
+
+def test_deepspeed_train_batch_size_must_match(tmp_path):
+    for accepted in ("auto", 6):  # 2 data-parallel ranks x 3 micro-batches x 1 row
+        config = _deepspeed(tmp_path, train_batch_size=accepted)
+        assert "train_batch_size" not in config and config["gradient_accumulation_steps"] == 3
+    with pytest.raises(
+        ConfigError, match=r"train_batch_size=12 contradicts the run \(2 data-parallel ranks"
+    ):
+        _deepspeed(tmp_path, train_batch_size=12)
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu=4 contradicts"):
+        _deepspeed(tmp_path, train_micro_batch_size_per_gpu=4)
+
+
+def test_deepspeed_optimizer_and_scheduler_sections_refused(tmp_path):
+    sections = dict(
+        optimizer={"type": "AdamW", "params": {"lr": 1e-3}},
+        scheduler={"type": "WarmupLR"},
+    )
+    with pytest.raises(ConfigError) as caught:
+        _deepspeed(tmp_path, **sections)
+    message = str(caught.value)
+    assert "section(s) optimizer, scheduler would not be used" in message
+    assert "lr, betas, eps, weight_decay" in message and "lr_schedule, warmup_ratio" in message
+    assert "\n" not in message

@@ -48,6 +48,17 @@ def load_deepspeed_config(
     except json.JSONDecodeError as error:
         raise ConfigError(f"--deepspeed {source}: invalid JSON ({error})") from None
     bf16 = settings.dtype == "bfloat16"
+    ignored = {
+        "optimizer": "evotune builds AdamW from lr, betas, eps, weight_decay, weight_decay_scope",
+        "scheduler": "evotune sets the learning rate from lr_schedule, warmup_ratio, eta_min",
+    }
+    present = [key for key in ignored if key in config]
+    if present:
+        reasons = "; ".join(f'"{key}": {ignored[key]}' for key in present)
+        raise ConfigError(
+            f"--deepspeed {source}: section(s) {', '.join(present)} would not be used "
+            f"({reasons}); remove them and set those evotune settings in the config"
+        )
     filled = {
         "gradient_accumulation_steps": settings.accumulative_counts,
         "train_micro_batch_size_per_gpu": 1,  # one flattened varlen row per micro-batch
@@ -56,11 +67,19 @@ def load_deepspeed_config(
     for key, value in filled.items():
         if config.get(key, "auto") == "auto":
             config[key] = value
-        elif key != "train_micro_batch_size_per_gpu" and config[key] != value:
+        elif config[key] != value:
             raise ConfigError(
                 f"--deepspeed {source}: {key}={config[key]} contradicts the config ({value}); "
                 'set it to "auto"'
             )
+    # A global batch in rows: data-parallel ranks x micro-batches x one row each
+    global_batch = dims.dp_size * settings.accumulative_counts * 1
+    if config.get("train_batch_size", "auto") not in ("auto", global_batch):
+        raise ConfigError(
+            f"--deepspeed {source}: train_batch_size={config['train_batch_size']} contradicts "
+            f"the run ({dims.dp_size} data-parallel ranks x accumulative_counts="
+            f"{settings.accumulative_counts} x 1 row = {global_batch}); set it to \"auto\""
+        )
     # DeepSpeed averages gradients over every rank, sequence-parallel ones included (the
     # trainer's loss scaling assumes exactly that), so it derives train_batch_size itself
     config.pop("train_batch_size", None)
