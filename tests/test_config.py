@@ -400,3 +400,42 @@ def test_deepspeed_optimizer_and_scheduler_sections_refused(tmp_path):
     assert "section(s) optimizer, scheduler would not be used" in message
     assert "lr, betas, eps, weight_decay" in message and "lr_schedule, warmup_ratio" in message
     assert "\n" not in message
+
+
+# -- the settings reference -----------------------------------------------------------
+
+
+def test_every_setting_has_a_docstring():
+    from evotune.config import SETTING_NAMES, setting_docs
+
+    docs = setting_docs()
+    assert list(docs) == list(SETTING_NAMES)
+    assert all(len(text) > 10 for text in docs.values())
+    assert "micro_num" in docs["accumulative_counts"]
+    assert "seq_len" in docs["max_length"] and "max_length_per_sample" in docs["max_length"]
+
+
+def test_readme_settings_reference_in_sync():
+    from pathlib import Path
+
+    from evotune.config.reference import replace_block, settings_reference
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = readme.read_text()
+    assert replace_block(text, settings_reference()) == text, (
+        "README settings reference is stale: run python -m evotune.config.reference"
+    )
+
+
+def test_settings_reference_check_detects_a_stale_block(tmp_path):
+    from evotune.config import XTUNER_SECTIONS
+    from evotune.config.reference import END, INTRO, START, main, settings_reference
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{START}\n| `lr` | old |\n{END}\n\n## Development\n")
+    assert main([str(readme), "--check"]) == 1
+    assert main([str(readme)]) == 0 and main([str(readme), "--check"]) == 0
+    text = readme.read_text()
+    assert settings_reference() in text and text.endswith(f"{END}\n\n## Development\n")
+    for name in ("optim_wrapper", "param_scheduler", "model", "train_cfg", "default_hooks"):
+        assert f"`{name}`" in INTRO and name in XTUNER_SECTIONS

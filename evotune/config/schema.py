@@ -52,7 +52,7 @@ class TrainConfig:
 
     # -- model -----------------------------------------------------------------
     pretrained_model_name_or_path: str = ""
-    """Required. A local Hugging Face model folder or a hub id; its weights are the start."""
+    """A local Hugging Face model folder or a hub id; training starts from its weights."""
     tokenizer_name_or_path: str | None = None
     """Tokenizer saved with checkpoints; None: the model's own folder (weights only if absent)."""
     dtype: DType = "float32"
@@ -73,8 +73,8 @@ class TrainConfig:
     pack_to_max_length: bool = True
     """Always True: ftdp samples are packed into rows of max_length tokens."""
     use_varlen_attn: bool = True
-    """True: attention stays inside each sample of a pack. False: fixed windows of
-    max_length_per_sample tokens, ignoring sample edges (InternEvo's use_packed_dataset=False)."""
+    """True: attention stays inside each sample of a pack. False: attention runs over fixed
+    windows of max_length_per_sample tokens (the whole pack when unset), across sample edges."""
     batch_size: int = 1
     """Packs per micro-batch, flattened into one varlen row."""
     num_workers: int = 0
@@ -142,7 +142,7 @@ class TrainConfig:
     log_interval: int = 1
     """Log a console line every this many steps (when the progress bar is off)."""
     work_dir: str | None = None
-    """Output folder; --work-dir wins. None: ./work_dirs/<config file stem>."""
+    """Output folder; --work-dir wins. None: work_dirs/CONFIG_STEM (the config file name)."""
 
     def resolved_eta_min(self) -> float:
         """eta_min, or the default of the chosen lr_schedule when it is None."""
