@@ -209,6 +209,8 @@ def test_base_config_star_import_and_overrides(tmp_path):
     assert settings.max_length == 64 and settings.lr == 1e-4
     assert settings.train_dataset["packed_length"] == 64
     assert settings.train_dataset["min_length"] == 50
+    with pytest.raises(ConfigError, match=r"--cfg-options min_lenght: 'min_lenght' is neither"):
+        load_config(child, ["min_lenght=0"])
     settings = load_config(child, ["max_length=32", "_min_length=0"]).settings
     assert settings.max_length == 32
     assert settings.train_dataset["packed_length"] == 32  # used inside the base
@@ -439,3 +441,18 @@ def test_settings_reference_check_detects_a_stale_block(tmp_path):
     assert settings_reference() in text and text.endswith(f"{END}\n\n## Development\n")
     for name in ("optim_wrapper", "param_scheduler", "model", "train_cfg", "default_hooks"):
         assert f"`{name}`" in INTRO and name in XTUNER_SECTIONS
+
+
+@pytest.mark.integration
+def test_cli_refuses_a_dropped_setting_with_exit_2_and_one_line(tmp_path):
+    from runner import run_train
+
+    path = write(
+        tmp_path / "cfg.py",
+        "optim_wrapper = dict(optimizer=dict(lr=1e-3))\ndataloader_num_workers = 0\n",
+    )
+    result = run_train(path, tmp_path / "work", timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "optim_wrapper (set lr" in lines[0]
+    assert "'dataloader_num_workers' (did you mean 'num_workers'?)" in lines[0]

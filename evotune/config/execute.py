@@ -81,7 +81,8 @@ class ConfigRun:
 
     def _rebind(self, namespace: dict[str, Any], names: tuple[str, ...]) -> None:
         for name in names:
-            namespace[name] = copy.deepcopy(self.overrides[name])
+            if name in namespace:  # a '*' import or an empty loop may leave it unbound
+                namespace[name] = copy.deepcopy(self.overrides[name])
 
     def _import_base(
         self,
