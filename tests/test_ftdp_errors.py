@@ -76,6 +76,13 @@ def test_offset_mid_line(tmp_path):
         (b'{"text": "hello"}', "the JSON object has no 'tokens' key"),
         (b'{"tokens": [1, "2", 3]}', "'tokens' must be a list of integers"),
         (b'{"tokens": [1, 2.5, 3]}', "'tokens' must be a list of integers"),
+        (b'{"tokens": [1, true, 3]}', "'tokens' must be a list of integers"),
+        (b'{"tokens": [[1], 2, 3]}', "'tokens' must be a list of integers"),
+        (b'{"tokens": "1 2 3"}', "'tokens' must be a list of integers"),
+        (
+            b'{"tokens": [1, 9223372036854775808, 3]}',
+            "'tokens' holds an integer outside the 64-bit range",
+        ),
     ],
 )
 def test_bad_lines(tmp_path, line, message):

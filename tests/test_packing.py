@@ -1,15 +1,19 @@
-"""Packing against data.md section 3: the worked example, the three modes, invariants."""
+"""Packing against data.md section 3: the worked example, the three modes, invariants, bad samples."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 from ftdp_factory import random_samples, write_shard
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.data import DataLoader
 
 from evotune.data import IGNORE_INDEX, build_packed_dataset, load_intern_repo_tokenized_dataset
-from evotune.data.ftdp import DataError
+from evotune.data.ftdp import BadSampleError, DataError
+from evotune.errors import ConfigError
 
 WORKED_EXAMPLE = [
     [11, 12],
@@ -193,3 +197,129 @@ def test_pack_invariants(tmp_path_factory, seed, packed, mode):
         assert np.all(item["input_ids"] > 0)
         trained = item["labels"][item["labels"] != IGNORE_INDEX]
         assert np.all(trained > 0)
+
+
+# -- on_bad_sample ---------------------------------------------------------------------
+
+VOCAB = 60
+
+
+def _write_lines(path, lines, lengths):
+    """A shard whose .bin holds ``lines`` as given and whose meta claims ``lengths``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    offsets, body = [], b""
+    for line in lines:
+        offsets.append(len(body))
+        body += line + b"\n"
+    path.write_bytes(body)
+    with open(str(path) + ".meta", "wb") as handle:
+        np.save(handle, np.array(list(zip(offsets, lengths, strict=True)), dtype=np.int64))
+
+
+def _corrupt(samples):
+    """Bad versions of some samples by line index: each kind the reader must catch."""
+    return {
+        1: b"not json at all",
+        4: b'{"text": "no tokens here"}',
+        6: b'{"tokens": [1, true, 3]}',
+        9: json.dumps({"tokens": [*samples[9][:-1], VOCAB + 5]}).encode(),  # id >= vocab
+        12: json.dumps({"tokens": samples[12][:-1]}).encode(),  # one token short of the meta
+    }
+
+
+def _folders(tmp_path):
+    rng = np.random.default_rng(3)
+    shards = {name: random_samples(rng, 16, VOCAB, low=3, high=25) for name in ("a", "b")}
+    bad_lines = {"a": _corrupt(shards["a"]), "b": {}}  # b is clean: all its packs unchanged
+    for variant in ("clean", "bad", "zeros"):
+        for name, samples in shards.items():
+            lines, lengths = [], []
+            for index, tokens in enumerate(samples):
+                bad = bad_lines[name].get(index)
+                if bad is not None and variant == "bad":
+                    lines.append(bad)
+                elif bad is not None and variant == "zeros":
+                    lines.append(json.dumps({"tokens": [0] * len(tokens)}).encode())
+                else:
+                    lines.append(json.dumps({"tokens": tokens}).encode())
+                lengths.append(len(tokens))
+            _write_lines(tmp_path / variant / "en" / f"{name}.bin", lines, lengths)
+    return tmp_path, bad_lines
+
+
+@pytest.mark.parametrize("mode", ["internevo", "internevo_into_one", "xtuner"])
+def test_skip_bad_samples_keeps_every_other_pack_identical(tmp_path, mode):
+    root, bad_lines = _folders(tmp_path)
+
+    def dataset(variant, **kwargs):
+        ds = _dataset(
+            root / variant, packed_length=16, max_length_per_sample=8, pack_mode=mode, **kwargs
+        )
+        ds.vocab_size = VOCAB
+        return ds
+
+    clean, skip, zeros = dataset("clean"), dataset("bad", on_bad_sample="skip"), dataset("zeros")
+    assert len(clean) == len(skip) == len(zeros)
+    # the packs that hold a token of a bad sample, from the plan (stream positions)
+    touched = set()
+    plan = skip.plans[0]
+    for position, sample in enumerate(plan.stream_order):
+        if int(sample) in bad_lines["a"]:
+            end = int(plan.stream_ends[position])
+            begin = end - int(plan.shard.lengths[sample])
+            touched.update(range(begin // 16, (end - 1) // 16 + 1))
+    touched &= set(range(plan.num_packs))
+    assert touched and len(touched) < len(skip)  # the test sees both kinds of pack
+    keys = ("input_ids", "labels", "position_ids", "cu_seqlens", "type_ids")
+    for index in range(len(skip)):
+        item, expected = skip[index], zeros[index]
+        for key in keys:  # a skipped sample reads exactly as zeros of its meta length
+            assert item[key].tobytes() == expected[key].tobytes(), (index, key)
+        if index not in touched:
+            for key in keys:
+                assert item[key].tobytes() == clean[index][key].tobytes(), (index, key)
+        assert bool(item["bad_samples"]) == (index in touched)
+    path = str((root / "bad" / "en" / "a.bin").resolve())
+    assert skip.bad_sample_counts() == {path: len(bad_lines["a"])}
+    reasons = {line: reason for _, line, reason in skip.bad_samples()}
+    assert sorted(reasons) == [index + 1 for index in sorted(bad_lines["a"])]
+    assert "not a JSON line" in reasons[2]
+    assert "no 'tokens' key" in reasons[5]
+    assert "list of integers" in reasons[7]
+    assert f"token id {VOCAB + 5} >= the model's vocab size {VOCAB}" in reasons[10]
+    assert "tokens but the meta says" in reasons[13]
+
+
+def test_error_is_the_default_and_names_file_line(tmp_path):
+    root, _ = _folders(tmp_path)
+    ds = _dataset(root / "bad", packed_length=16)
+    with pytest.raises(BadSampleError, match=r"a\.bin:\d+: "):
+        for index in range(len(ds)):
+            ds[index]
+
+
+def test_skip_counts_reach_the_main_process_through_workers(tmp_path):
+    root, bad_lines = _folders(tmp_path)
+    ds = _dataset(root / "bad", packed_length=16, on_bad_sample="skip")
+    ds.vocab_size = VOCAB
+    loader = DataLoader(ds, batch_size=None, num_workers=2)
+    for item in loader:
+        ds.note_bad_samples(item["bad_samples"])
+    assert list(ds.bad_sample_counts().values()) == [len(bad_lines["a"])]
+
+
+def test_skip_does_not_hide_a_broken_index(tmp_path):
+    _write_lines(tmp_path / "en" / "a.bin", [b'{"tokens": [1, 2, 3]}'] * 3, [3, 3, 3])
+    meta = np.load(str(tmp_path / "en" / "a.bin.meta"))
+    meta[1, 0] += 2  # points into the middle of line 2
+    with open(str(tmp_path / "en" / "a.bin.meta"), "wb") as handle:
+        np.save(handle, meta)
+    ds = _dataset(tmp_path, packed_length=9, on_bad_sample="skip")
+    with pytest.raises(DataError, match="points into the middle of a line"):
+        ds[0]
+
+
+def test_on_bad_sample_choices(tmp_path):
+    write_shard(tmp_path / "en" / "a.bin", [[1, 2, 3]])
+    with pytest.raises(ConfigError, match="on_bad_sample='ignore': choose one of error, skip"):
+        _dataset(tmp_path, packed_length=3, on_bad_sample="ignore")

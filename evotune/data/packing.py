@@ -8,18 +8,36 @@ parses only the lines it touches.
 
 Labels are stored already shifted in every mode: ``labels[t]`` is the target of
 position ``t`` (-100: none), so the loss never shifts again.
+
+Bad samples (``on_bad_sample``). The plan reads only the ``.meta`` files, so a line
+that turns out to be bad is found when a pack that needs it is built:
+
+* ``"error"`` (default): BadSampleError naming ``file:line`` and the reason.
+* ``"skip"``: the sample keeps its place and its meta length in the file's stream,
+  but every one of its tokens becomes 0: input id 0 and never a target (its own
+  labels are -100, and in xtuner mode the position before it loses the target it
+  had, the sample's first token). Pack boundaries, cu_seqlens, position ids,
+  type ids and every other token are those of the clean run; packs that hold none
+  of its tokens are byte-identical. The first meeting of each bad sample is logged
+  as a warning; ``bad_sample_counts()`` gives the distinct bad samples met per
+  file. In this mode each item also carries ``"bad_samples"``: the
+  ``(path, line, reason)`` records met while building it, so a process that reads
+  through DataLoader workers can count them with ``note_bad_samples``.
+  A broken index (an offset past the end or inside a line) is an error in both
+  modes: no sample of that file can be trusted.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-from .ftdp import DataError, ShardIndex, ShardReader, TokenizedCorpus
+from ..errors import ConfigError
+from .ftdp import BadSampleError, DataError, ShardIndex, ShardReader, TokenizedCorpus
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +45,9 @@ IGNORE_INDEX = -100
 PACKING_SEED = 1024
 PackMode = Literal["internevo", "internevo_into_one", "xtuner"]
 PACK_MODES: tuple[str, ...] = ("internevo", "internevo_into_one", "xtuner")
+OnBadSample = Literal["error", "skip"]
+ON_BAD_SAMPLE: tuple[str, ...] = ("error", "skip")
+BadSampleRecord = tuple[str, int, str]  # (shard path, 1-based line, reason)
 
 
 @dataclass(frozen=True)
@@ -43,7 +64,8 @@ class PackedDataset:
     """Packs of an ftdp corpus; item i is a dict of int64 numpy arrays (data.md 3a-3c).
 
     Keys: input_ids, labels (shifted), position_ids, type_ids (length packed_length)
-    and cu_seqlens (segment boundaries from 0 to packed_length).
+    and cu_seqlens (segment boundaries from 0 to packed_length); with
+    ``on_bad_sample="skip"`` also bad_samples (see the module docstring).
     """
 
     def __init__(
@@ -53,7 +75,12 @@ class PackedDataset:
         seed: int = PACKING_SEED,
         pack_mode: PackMode = "internevo",
         max_length_per_sample: int | None = None,
+        on_bad_sample: OnBadSample = "error",
     ):
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ConfigError(
+                f"on_bad_sample={on_bad_sample!r}: choose one of {', '.join(ON_BAD_SAMPLE)}"
+            )
         if pack_mode not in PACK_MODES:
             raise DataError(f"pack_mode={pack_mode!r}: choose one of {', '.join(PACK_MODES)}")
         if packed_length < 1:
@@ -78,6 +105,8 @@ class PackedDataset:
         self.plans = tuple(self._plan(shard) for shard in corpus.shards)
         self.pack_starts = np.cumsum([0] + [p.num_packs for p in self.plans], dtype=np.int64)
         self.vocab_size: int | None = None  # set by the trainer from the model's embeddings
+        self.on_bad_sample: OnBadSample = on_bad_sample
+        self._bad_samples: dict[str, dict[int, str]] = {}
         self._reader = ShardReader()
         for plan in self.plans:
             if plan.num_packs == 0:
@@ -138,12 +167,10 @@ class PackedDataset:
         tokens = np.empty(length, dtype=np.int64)
         labels = np.empty(length, dtype=np.int64)
         fragment_ends = []
+        bad_samples: list[BadSampleRecord] = []
         cursor = 0
         for position in range(first, last + 1):
-            sample_index = int(plan.stream_order[position])
-            sample = self._reader.read(plan.shard, sample_index)
-            if self.vocab_size is not None:
-                self._check_vocab(plan.shard, sample_index, sample)
+            sample = self._read(plan.shard, int(plan.stream_order[position]), bad_samples)
             sample_end = int(plan.stream_ends[position])
             sample_start = sample_end - len(sample)
             low = max(start, sample_start) - sample_start
@@ -169,22 +196,50 @@ class PackedDataset:
         else:
             labels = np.where(labels > 0, labels, IGNORE_INDEX)
         cu_seqlens = self._segment_boundaries(fragment_ends)
-        return {
+        item = {
             "input_ids": np.abs(tokens),
             "labels": labels,
             "position_ids": positions_from_boundaries(cu_seqlens),
             "cu_seqlens": cu_seqlens,
             "type_ids": np.full(length, plan.shard.type_id, dtype=np.int64),
         }
+        if self.on_bad_sample == "skip":
+            item["bad_samples"] = tuple(bad_samples)
+        return item
 
-    def _check_vocab(self, shard: ShardIndex, sample_index: int, sample: np.ndarray) -> None:
-        largest = int(np.abs(sample).max()) if len(sample) else 0
-        if largest >= self.vocab_size:
-            line = int(shard.line_numbers[sample_index]) + 1
-            raise DataError(
-                f"{shard.path}:{line}: token id {largest} >= the model's vocab size "
-                f"{self.vocab_size}; the data was tokenized for another model"
-            )
+    def _read(
+        self, shard: ShardIndex, sample_index: int, bad_samples: list[BadSampleRecord]
+    ) -> np.ndarray:
+        try:
+            return self._reader.read(shard, sample_index, self.vocab_size)
+        except BadSampleError as error:
+            if self.on_bad_sample == "error":
+                raise
+            record = (error.path, error.line, error.reason)
+            bad_samples.append(record)
+            self.note_bad_samples([record])
+            # same length as its meta row, so the plan and every other token stay put
+            return np.zeros(int(shard.lengths[sample_index]), dtype=np.int64)
+
+    def note_bad_samples(self, records: Iterable[BadSampleRecord]) -> None:
+        """Count bad samples (each distinct file:line once); log the first meeting of each."""
+        for path, line, reason in records:
+            seen = self._bad_samples.setdefault(path, {})
+            if line not in seen:
+                seen[line] = reason
+                logger.warning("%s:%d: %s; skipped (on_bad_sample='skip')", path, line, reason)
+
+    def bad_sample_counts(self) -> dict[str, int]:
+        """Distinct bad samples met so far, per shard path (only files that had one)."""
+        return {path: len(lines) for path, lines in self._bad_samples.items()}
+
+    def bad_samples(self) -> list[BadSampleRecord]:
+        """Every distinct bad sample met so far as (path, line, reason), in file and line order."""
+        return sorted(
+            (path, line, reason)
+            for path, lines in self._bad_samples.items()
+            for line, reason in lines.items()
+        )
 
     def _segment_boundaries(self, fragment_ends: list[int]) -> np.ndarray:
         limit = self.segment_limit
@@ -231,8 +286,12 @@ def build_packed_dataset(
     seed: int = PACKING_SEED,
     pack_mode: PackMode = "internevo",
     max_length_per_sample: int | None = None,
+    on_bad_sample: OnBadSample = "error",
 ) -> PackedDataset:
-    """Index an ftdp folder and plan its packs (the name XTuner configs use)."""
+    """Index an ftdp folder and plan its packs (the name XTuner configs use).
+
+    ``on_bad_sample``: "error" or "skip", defined in this module's docstring.
+    """
     from ..config import build_component
 
     corpus = build_component(dataset_cfg) if isinstance(dataset_cfg, Mapping) else dataset_cfg
@@ -241,4 +300,6 @@ def build_packed_dataset(
             "build_packed_dataset(dataset_cfg=...) must be "
             "dict(type=load_intern_repo_tokenized_dataset, folder=...)"
         )
-    return PackedDataset(corpus, packed_length, seed, pack_mode, max_length_per_sample)
+    return PackedDataset(
+        corpus, packed_length, seed, pack_mode, max_length_per_sample, on_bad_sample
+    )
