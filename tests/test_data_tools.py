@@ -123,6 +123,7 @@ def test_tokenize_with_chat_template(tmp_path, raw_inputs):
     assert [abs(t) for t in chat] == full
 
 
+@pytest.mark.integration
 def test_tokenize_bad_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"prompt": 3}\n')
