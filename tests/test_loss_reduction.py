@@ -48,8 +48,9 @@ def test_step_objective_matches_hand_computation(tmp_path, reduction):
         max_norm=0.0,
     )
     trainer = Trainer(load_config(config), tmp_path / "work", show_progress=False)
-    stream = trainer._micro_batch_stream()
-    micro_batches = [next(stream) for _ in range(3)]
+    stream = trainer.micro_batches()
+    chunk = [next(stream) for _ in range(3)]
+    micro_batches = [batch for batch, _ in chunk]
     counts = [b.num_trainable for b in micro_batches]
     assert len(set(counts)) > 1  # unequal trainable tokens make the reductions differ
 
@@ -61,8 +62,8 @@ def test_step_objective_matches_hand_computation(tmp_path, reduction):
         return real_update(lr, max_norm, loss_is_finite)
 
     trainer.engine.update = observe
-    record = trainer.train_step(micro_batches)
+    step = trainer.train_step(micro_batches, chunk[-1][1])
     expected, expected_loss = _hand_gradients(model_dir, micro_batches, reduction)
-    assert record["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert step.loss == pytest.approx(expected_loss, rel=1e-5)
     for name, grad in expected.items():
         torch.testing.assert_close(captured[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -17,8 +17,10 @@ import torch
 
 from ..config import ConfigError, TrainConfig
 from ..data.collate import PackedBatch
+from ..model.loss import PackedLoss
 from .dims import ParallelDims
-from .engine import Objective, PackedLossModule, optimizer_param_groups
+from .engine import EngineBase, PackedLossModule, optimizer_param_groups
+from .sequence import SequenceParallel
 
 PRESETS = (
     "deepspeed_zero1",
@@ -108,19 +110,21 @@ def zero_stage(config: dict[str, Any]) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(EngineBase):
+    """ZeRO 1/2/3; DeepSpeed averages gradients over every rank (SP ranks included)."""
+
     def __init__(
         self,
         model: torch.nn.Module,
         dims: ParallelDims,
         config: dict[str, Any],
         settings: TrainConfig,
-        sequence_parallel: Any = None,
+        sequence_parallel: SequenceParallel | None = None,
     ):
         import deepspeed
 
-        self.model = model
-        self.dims = dims
+        super().__init__(model, dims, sequence_parallel, gradient_scale=float(dims.world_size))
+        self.name = str(settings.deepspeed)
         self.config = config
         self.stage = zero_stage(config)
         groups = optimizer_param_groups(model, settings.weight_decay, settings.weight_decay_scope)
@@ -140,11 +144,13 @@ class DeepSpeedEngine:
             model=module, optimizer=optimizer, config=config, dist_init_required=False
         )
 
-    def forward_backward(self, batch: PackedBatch, objective: Objective, sync: bool) -> float:
+    def forward_backward(
+        self, batch: PackedBatch, weight: float, aux_weight: float, sync: bool
+    ) -> PackedLoss:
         self.engine.set_gradient_accumulation_boundary(sync)
-        loss_sum = self.engine(batch)
-        self.engine.backward(objective(loss_sum), scale_wrt_gas=False)
-        return float(loss_sum.detach().float())
+        parts = self.engine(self._local(batch))
+        self.engine.backward(self._objective(parts, weight, aux_weight), scale_wrt_gas=False)
+        return self._detached(parts)
 
     def update(self, lr: float, max_norm: float, loss_is_finite: bool) -> tuple[float, bool]:
         """DeepSpeed clips inside step() (gradient_clipping) and reports the pre-clip norm."""

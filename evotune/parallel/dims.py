@@ -1,8 +1,10 @@
-"""ParallelDims: the one object that owns ranks, devices and process groups.
+"""ParallelDims: a validated description of the process layout, and its device mesh.
 
-Layout (training.md section 5): sequence-parallel groups are contiguous ranks
-[i*sp, (i+1)*sp); the data-parallel rank is rank // sp and DP size is world / sp.
-Everything that needs a rank or a group receives this object as an argument.
+Layout: sequence-parallel groups are contiguous ranks [i*sp, (i+1)*sp); the
+data-parallel rank is rank // sp and the DP size is world / sp
+(docs/training.md, "Sequence parallelism"). The layout is one named
+``DeviceMesh`` of shape (dp, sp); nothing else creates process groups, and
+everything that needs a rank or a group receives this object as an argument.
 """
 
 from __future__ import annotations
@@ -15,9 +17,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+MESH_DIMS = ("dp", "sp")
+
+
+def rank_groups(world_size: int, sp_size: int) -> dict[str, list[list[int]]]:
+    """The ranks of every SP group and every DP group of a (dp, sp) row-major mesh."""
+    dp_size = world_size // sp_size
+    return {
+        "sp": [list(range(d * sp_size, (d + 1) * sp_size)) for d in range(dp_size)],
+        "dp": [list(range(s, world_size, sp_size)) for s in range(sp_size)],
+    }
 
 
 @dataclass
@@ -27,8 +39,21 @@ class ParallelDims:
     local_rank: int = 0
     sp_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    sp_group: Any = None
-    dp_group: Any = None
+    mesh: Any = None  # torch DeviceMesh with dims ("dp", "sp") when distributed
+
+    def __post_init__(self) -> None:
+        if self.sp_size < 1 or self.world_size < 1:
+            raise ConfigError(
+                f"sequence_parallel_size={self.sp_size} and world size {self.world_size} must "
+                "be >= 1"
+            )
+        if self.world_size % self.sp_size:
+            raise ConfigError(
+                f"sequence_parallel_size={self.sp_size} must divide the number of processes "
+                f"({self.world_size}); change sequence_parallel_size or NPROC_PER_NODE/NNODES"
+            )
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
 
     @property
     def dp_size(self) -> int:
@@ -50,42 +75,45 @@ class ParallelDims:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sp_group(self) -> Any:
+        return self.mesh.get_group("sp") if self.mesh is not None else None
+
+    @property
+    def dp_group(self) -> Any:
+        return self.mesh.get_group("dp") if self.mesh is not None else None
+
     @classmethod
     def from_environment(cls, sp_size: int = 1) -> ParallelDims:
         """Read torchrun's variables (WORLD_SIZE, RANK, LOCAL_RANK), start the process group."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if world_size % sp_size:
-            raise ConfigError(
-                f"sequence_parallel_size={sp_size} must divide the number of processes "
-                f"({world_size}); change sequence_parallel_size or NPROC_PER_NODE/NNODES"
-            )
         if torch.cuda.is_available():
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")
         dims = cls(world_size, rank, local_rank, sp_size, device)
-        if world_size > 1 and not dist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
         if world_size > 1:
-            dims._create_groups()
+            dims.start_process_group()
         return dims
 
-    def _create_groups(self) -> None:
-        # every rank must create every group, in the same order
-        for start in range(0, self.world_size, self.sp_size):
-            ranks = list(range(start, start + self.sp_size))
-            group = dist.new_group(ranks)
-            if self.rank in ranks:
-                self.sp_group = group
-        for sp_rank in range(self.sp_size):
-            ranks = list(range(sp_rank, self.world_size, self.sp_size))
-            group = dist.new_group(ranks)
-            if self.rank in ranks:
-                self.dp_group = group
+    def start_process_group(self) -> None:
+        """Start (or join) the default group and build the (dp, sp) mesh; collective."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(
+                backend=backend,
+                timeout=COLLECTIVE_TIMEOUT,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
+        self.mesh = init_device_mesh(
+            self.device.type, (self.dp_size, self.sp_size), mesh_dim_names=MESH_DIMS
+        )
 
     def all_reduce_sum(self, values: list[float], group: Any = None) -> list[float]:
         """Sum floats over a group (the whole world by default) in float64."""
@@ -94,6 +122,19 @@ class ParallelDims:
         tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
         dist.all_reduce(tensor, group=group)
         return tensor.tolist()
+
+    def sum_step(
+        self, per_rank: list[float], per_replica: list[float]
+    ) -> tuple[list[float], list[float]]:
+        """One all-reduce for a step's figures.
+
+        ``per_rank`` values are summed over every rank; ``per_replica`` values are
+        equal on the ranks of a sequence-parallel group (they describe whole rows),
+        so they are summed over data-parallel replicas only.
+        """
+        shared = per_replica if self.sp_rank == 0 else [0.0] * len(per_replica)
+        summed = self.all_reduce_sum([*per_rank, *shared])
+        return summed[: len(per_rank)], summed[len(per_rank) :]
 
     def barrier(self) -> None:
         if self.is_distributed:

@@ -1,20 +1,29 @@
-"""The one seam between the trainer and how parameters are stored and reduced.
+"""The engine contract: how parameters are stored, gradients reduced and updated.
 
-An engine owns the model wrapper, the optimizer and mixed precision. The trainer
-calls, per optimizer step: ``forward_backward`` for each micro-batch (with a
-function that turns the micro-batch's loss sum into the objective to
-back-propagate), then ``clip_grad_norm``, then ``step`` or ``skip``.
+An engine owns the model wrapper, the optimizer, mixed precision and the
+gradient reduction. Per optimizer step the trainer calls ``forward_backward``
+once per micro-batch with a weight, then ``update`` once. The contract every
+engine keeps, whatever it wraps:
 
-* TorchEngine: one process, or DistributedDataParallel over the data-parallel
-  ranks. fp32 master weights; bfloat16 runs under autocast.
+    after the step's last micro-batch, the gradient of every parameter equals the
+    SUM over all ranks of the gradients of (weight * loss_sum + aux_weight * aux).
+
+DDP and DeepSpeed average gradients over the world, so they scale the objective
+by the world size; a single process scales by 1. The trainer never sees world,
+data-parallel or sequence-parallel sizes: the loss policy chooses the weights
+(evotune.train.loss_policy) and the engine makes them mean the same everywhere.
+
+* TorchEngine: one process, or DistributedDataParallel over all ranks; fp32
+  master weights, bfloat16 under autocast.
 * DeepSpeedEngine (deepspeed_engine.py): ZeRO 1/2/3.
+Both are built by evotune.parallel.parallelize.build_engine.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,25 +33,30 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..data.collate import PackedBatch
-from ..model.loss import packed_loss_sum
+from ..errors import ConfigError
+from ..model.loss import PackedLoss, packed_loss
 from .dims import ParallelDims
-
-Objective = Callable[[torch.Tensor], torch.Tensor]
+from .sequence import SequenceParallel
 
 _NORM_PARAMETER_HINTS = ("norm", "ln_", "layernorm")
 
 
 class PackedLossModule(nn.Module):
-    """Wraps the HF model so the DDP/DeepSpeed forward returns the packed loss sum."""
+    """Wraps the HF model so the DDP/DeepSpeed forward returns the packed loss parts."""
 
-    def __init__(self, model: PreTrainedModel, chunk_size: int, sequence_parallel: Any = None):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        chunk_size: int,
+        sequence_parallel: SequenceParallel | None = None,
+    ):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.sequence_parallel = sequence_parallel
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        return packed_loss_sum(self.model, batch, self.chunk_size, self.sequence_parallel)
+    def forward(self, batch: PackedBatch) -> PackedLoss:
+        return packed_loss(self.model, batch, self.chunk_size, self.sequence_parallel)
 
 
 def optimizer_param_groups(
@@ -66,10 +80,17 @@ def optimizer_param_groups(
 
 
 class Engine(Protocol):
+    name: str  # recorded in checkpoints: a resume must use the same engine
     model: PreTrainedModel
 
-    def forward_backward(self, batch: PackedBatch, objective: Objective, sync: bool) -> float:
-        """Forward one micro-batch, back-propagate ``objective(loss_sum)``; returns loss_sum."""
+    def forward_backward(
+        self, batch: PackedBatch, weight: float, aux_weight: float, sync: bool
+    ) -> PackedLoss:
+        """Forward one whole micro-batch row, back-propagate its weighted loss.
+
+        Returns the detached loss parts of this rank (its slice under SP). ``sync``
+        is True for the step's last micro-batch (gradient reduction happens then).
+        """
 
     def update(self, lr: float, max_norm: float, loss_is_finite: bool) -> tuple[float, bool]:
         """Clip and apply the accumulated gradients; returns (pre-clip norm, applied)."""
@@ -83,8 +104,44 @@ class Engine(Protocol):
     def load_state(self, folder: Path) -> None: ...
 
 
-class TorchEngine:
+class EngineBase:
+    """What every engine shares: SP slicing, device placement, the objective."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        dims: ParallelDims,
+        sequence_parallel: SequenceParallel | None,
+        gradient_scale: float,
+    ):
+        self.model = model
+        self.dims = dims
+        self.sequence_parallel = sequence_parallel
+        self.gradient_scale = gradient_scale  # undoes the wrapper's averaging over ranks
+
+    def _local(self, batch: PackedBatch) -> PackedBatch:
+        if self.sequence_parallel is not None:
+            batch = self.sequence_parallel.split(batch)
+        return batch.to(self.dims.device)
+
+    def _objective(self, parts: PackedLoss, weight: float, aux_weight: float) -> torch.Tensor:
+        objective = parts.loss_sum * weight
+        if parts.aux_loss is not None:
+            objective = objective + parts.aux_loss * aux_weight
+        return objective * self.gradient_scale
+
+    @staticmethod
+    def _detached(parts: PackedLoss) -> PackedLoss:
+        aux = None if parts.aux_loss is None else parts.aux_loss.detach().float()
+        return PackedLoss(parts.loss_sum.detach().float(), aux)
+
+
+class TorchEngine(EngineBase):
     """Single process or DDP; fp32 master weights and optimizer, optional bf16 autocast."""
+
+    name = "torch"
 
     def __init__(
         self,
@@ -98,10 +155,9 @@ class TorchEngine:
         weight_decay_scope: str,
         autocast_dtype: torch.dtype | None,
         chunk_size: int,
-        sequence_parallel: Any = None,
+        sequence_parallel: SequenceParallel | None = None,
     ):
-        self.model = model
-        self.dims = dims
+        super().__init__(model, dims, sequence_parallel, gradient_scale=float(dims.world_size))
         self.autocast_dtype = autocast_dtype
         self.module: nn.Module = PackedLossModule(model, chunk_size, sequence_parallel)
         if dims.is_distributed:
@@ -128,12 +184,14 @@ class TorchEngine:
             return contextlib.nullcontext()
         return self.module.no_sync()
 
-    def forward_backward(self, batch: PackedBatch, objective: Objective, sync: bool) -> float:
+    def forward_backward(
+        self, batch: PackedBatch, weight: float, aux_weight: float, sync: bool
+    ) -> PackedLoss:
         with self._sync_context(sync):
             with self._autocast():
-                loss_sum = self.module(batch)
-            objective(loss_sum).backward()
-        return float(loss_sum.detach())
+                parts = self.module(self._local(batch))
+            self._objective(parts, weight, aux_weight).backward()
+        return self._detached(parts)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.model.parameters() if p.requires_grad)
@@ -166,11 +224,29 @@ class TorchEngine:
 
     def load_state(self, folder: Path) -> None:
         master = folder / "master_weights.safetensors"
-        weights = load_file(str(master if master.exists() else folder / "hf" / "model.safetensors"))
+        weights_file = master if master.exists() else folder / "hf" / "model.safetensors"
+        weights = _load_named(weights_file, lambda path: load_file(str(path)))
         missing, unexpected = self.model.load_state_dict(
             {k: v.to(torch.float32) for k, v in weights.items()}, strict=False
         )
         tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
         if unexpected or set(missing) - tied:
-            raise ValueError(f"{folder}: weights do not match the model (missing {missing[:3]})")
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+            raise ConfigError(
+                f"{weights_file}: weights do not match the model (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}); resume with the model the run started from"
+            )
+        state = _load_named(
+            folder / "optimizer.pt", lambda path: torch.load(path, weights_only=True)
+        )
+        self.optimizer.load_state_dict(state)
+
+
+def _load_named(path: Path, load: Any) -> Any:
+    """Load a checkpoint file; any failure names the file (a truncated write, say)."""
+    try:
+        return load(path)
+    except Exception as error:
+        raise ConfigError(
+            f"{path}: cannot be read ({type(error).__name__}: {error}); the checkpoint is "
+            "damaged: resume from an earlier one"
+        ) from None

@@ -1,13 +1,36 @@
-"""Step metrics: FLOPs that count what really runs, MFU, JSON-lines log."""
+"""What a run reports: step records, FLOPs, MFU/HFU, the console and metrics.jsonl.
+
+``RunLogger`` turns each optimizer step into one record (written to
+WORK_DIR/metrics.jsonl on the main rank, the ground truth for every plot and
+report), drives the progress bar on a terminal and writes a log line every
+``log_interval`` steps (always to train.log; to the console when there is no bar).
+
+FLOPs count what the model needs: each segment's own causal attention, real K/V
+widths, real tokens. MFU uses the model's FLOPs only; HFU adds the forward that
+activation checkpointing recomputes.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
+import statistics
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
+
+from ..parallel.dims import ParallelDims
+from .state import TrainState
+
+logger = logging.getLogger("evotune")
+# step lines: always in train.log; on the console only when no progress bar is shown
+step_logger = logging.getLogger("evotune.steps")
 
 # dense bf16 peak per device (FLOP/s), by a substring of torch.cuda.get_device_name()
 PEAK_BF16_FLOPS = {
@@ -84,3 +107,133 @@ class MetricsLog:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+class RunLogger:
+    """Step records, the progress bar and the periodic log line of one run."""
+
+    def __init__(
+        self,
+        work_dir: Path,
+        dims: ParallelDims,
+        model_config: Any,
+        total_steps: int,
+        start_step: int,
+        log_interval: int,
+        activation_checkpointing: bool,
+        show_progress: bool,
+    ):
+        self.dims = dims
+        self.model_config = model_config
+        self.total_steps = total_steps
+        self.log_interval = log_interval
+        self.activation_checkpointing = activation_checkpointing
+        self.peak_flops = peak_flops(dims.device)
+        self.jsonl = MetricsLog(work_dir / "metrics.jsonl" if dims.is_main else None)
+        self.recent_losses: deque[float] = deque(maxlen=log_interval)
+        self.started = time.perf_counter()
+        self.start_step = start_step
+        columns = shutil.get_terminal_size((100, 20)).columns
+        self.progress = tqdm(
+            total=total_steps,
+            initial=start_step,
+            disable=not (show_progress and dims.is_main),
+            ncols=None if columns >= 40 else 100,  # a 0-column terminal would show nothing
+            dynamic_ncols=columns >= 40,
+            desc="train",
+        )
+
+    def record(
+        self,
+        state: TrainState,
+        *,
+        loss: float,
+        aux_loss: float | None,
+        lr: float,
+        grad_norm: float,
+        applied: bool,
+        segment_lengths: list[list[int]],
+        tokens: int,
+        trainable: int,
+        elapsed: float,
+    ) -> dict[str, Any]:
+        """One step's record; ``tokens``/``trainable`` count the whole step over all ranks."""
+        sp = self.dims.sp_size
+        row_tokens = sum(sum(lengths) for lengths in segment_lengths)
+        model_flops = sum(
+            transformer_flops(self.model_config, lengths) for lengths in segment_lengths
+        )
+        hardware_flops = sum(
+            transformer_flops(self.model_config, lengths, self.activation_checkpointing)
+            for lengths in segment_lengths
+        )
+        tflops = model_flops / elapsed / 1e12 / sp  # an SP group shares each row's work
+        record: dict[str, Any] = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "skipped": not applied,
+            "micro_batches": len(segment_lengths),
+            "tokens": tokens,
+            "trainable_tokens": trainable,
+            "tokens_per_s": tokens / elapsed,
+            "tokens_per_s_per_rank": row_tokens / sp / elapsed,
+            "tflops_per_rank": tflops,
+            "mfu": self._utilisation(model_flops / sp, elapsed),
+            "hfu": self._utilisation(hardware_flops / sp, elapsed),
+            "step_time_s": elapsed,
+            "peak_memory_mib": peak_memory_mib(self.dims.device),
+        }
+        if aux_loss is not None:
+            record["aux_loss"] = aux_loss
+        return record
+
+    def _utilisation(self, flops: float, elapsed: float) -> float | None:
+        return flops / elapsed / self.peak_flops if self.peak_flops else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.jsonl.write(record)
+        self.recent_losses.append(record["loss"])
+        self.progress.update(1)
+        self.progress.set_postfix(
+            loss=f"{record['loss']:.4f}",
+            lr=f"{record['lr']:.2e}",
+            gnorm=f"{record['grad_norm']:.3f}",
+            tok_s=f"{record['tokens_per_s']:.0f}",
+            refresh=False,
+        )
+        step = record["step"]
+        if self.dims.is_main and (step % self.log_interval == 0 or step == 1):
+            step_logger.info(self._line(record))
+
+    def _line(self, record: dict[str, Any]) -> str:
+        step = record["step"]
+        done = step - self.start_step
+        per_step = (time.perf_counter() - self.started) / max(done, 1)
+        eta = _duration(per_step * (self.total_steps - step))
+        finite = [loss for loss in self.recent_losses if math.isfinite(loss)]
+        smoothed = statistics.fmean(finite) if finite else float("nan")
+        parts = [
+            f"step {step}/{self.total_steps}",
+            f"epoch {record['epoch']}",
+            f"loss {record['loss']:.4f} (mean of last {len(self.recent_losses)}: {smoothed:.4f})",
+            f"lr {record['lr']:.3e}",
+            f"grad_norm {record['grad_norm']:.3f}",
+            f"tokens/s {record['tokens_per_s']:.0f}",
+        ]
+        if record["mfu"] is not None:
+            parts.append(f"mfu {100 * record['mfu']:.1f}%")
+        parts += [f"peak_mem {record['peak_memory_mib']:.0f} MiB", f"eta {eta}"]
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.jsonl.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"

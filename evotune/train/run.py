@@ -29,7 +29,7 @@ def resolve_work_dir(loaded: LoadedConfig, work_dir: str | None) -> Path:
     return path
 
 
-def setup_logging(dims: ParallelDims, work_dir: Path | None) -> None:
+def setup_logging(dims: ParallelDims, work_dir: Path | None, progress_bar: bool = False) -> None:
     prefix = f"[rank {dims.rank}] " if dims.is_distributed else ""
     formatter = logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S")
     root = logging.getLogger()
@@ -38,6 +38,8 @@ def setup_logging(dims: ParallelDims, work_dir: Path | None) -> None:
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(formatter)
     console.setLevel(logging.INFO if dims.is_main else logging.WARNING)
+    if progress_bar:  # the bar shows the steps; train.log still gets every step line
+        console.addFilter(lambda record: record.name != "evotune.steps")
     root.addHandler(console)
     if work_dir is not None and dims.is_main:
         log_file = logging.FileHandler(work_dir / "train.log")
@@ -80,7 +82,7 @@ def run_training(
     succeeded = False
     try:
         work = resolve_work_dir(loaded, work_dir)
-        setup_logging(dims, work)
+        setup_logging(dims, work, progress_bar=show_progress)
         if dims.is_main:
             rendered = loaded.render()
             (work / "config.py").write_text(rendered)

@@ -1,0 +1,156 @@
+"""CheckpointManager: when to save, what a checkpoint holds, and resuming from one.
+
+A save is collective: every rank writes its engine state into one hidden
+temporary folder, the main rank adds the HF folder, the run state and the
+resolved config, and publishes it with one rename (evotune.train.checkpoint).
+A resume checks that the checkpoint belongs to this run's layout and data
+before anything is loaded, then restores engine, RNG and run state.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..config import LoadedConfig
+from ..errors import ConfigError
+from ..parallel.dims import ParallelDims
+from ..parallel.engine import Engine
+from . import checkpoint as ckpt
+from .state import TrainState
+
+logger = logging.getLogger("evotune")
+
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class CheckpointManager:
+    def __init__(
+        self,
+        work_dir: Path,
+        dims: ParallelDims,
+        engine: Engine,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None,
+        loaded: LoadedConfig,
+    ):
+        self.work_dir = work_dir
+        self.dims = dims
+        self.engine = engine
+        self.model = model
+        self.tokenizer = tokenizer
+        self.loaded = loaded
+        settings = loaded.settings
+        self.save_steps = settings.save_steps
+        self.keep = settings.save_total_limit
+        self.save_dtype = SAVE_DTYPES[settings.dtype]
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or step % self.save_steps == 0
+
+    def save(self, state: TrainState, run_state: dict[str, Any]) -> Path:
+        """checkpoint-<step>, written to a temporary folder by every rank, then published."""
+        dims, step = self.dims, state.step
+        temporary = ckpt.temporary_folder(self.work_dir, step)
+        if dims.is_main:
+            ckpt.prepare_folder(temporary)
+        dims.barrier()
+        weights = self.engine.hf_state_dict()
+        if dims.is_main:
+            self._write_hf_folder(temporary / "hf", weights)
+        self.engine.save_state(temporary, weights_saved_exactly=self.save_dtype == torch.float32)
+        dims.barrier()
+        path = self.work_dir / ckpt.checkpoint_name(step)
+        if dims.is_main:
+            torch.save(rng_state(), temporary / "rng.pt")
+            ckpt.write_json(temporary / "trainer_state.json", {"state": asdict(state), **run_state})
+            (temporary / "config.py").write_text(self.loaded.render())
+            ckpt.publish(temporary, path)
+            removed = ckpt.prune_checkpoints(self.work_dir, self.keep)
+            logger.info("saved %s%s", path, f" (removed {len(removed)} old)" if removed else "")
+        dims.barrier()
+        return path
+
+    def _write_hf_folder(self, folder: Path, weights: dict[str, torch.Tensor] | None) -> None:
+        assert weights is not None, "the main rank holds the full weights"
+        cast = {k: v.detach().to(self.save_dtype).contiguous() for k, v in weights.items()}
+        self.model.save_pretrained(folder, state_dict=cast)
+        _portable_config(folder)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
+
+    def resume(self, path: Path, expected: dict[str, Any]) -> tuple[TrainState, dict[str, Any]]:
+        """Validate ``path`` against this run (``expected`` keys must match), then load it.
+
+        Returns the run state and the saved trainer state (sampler position, ...).
+        """
+        if not (path / ckpt.COMPLETE_MARKER).is_file():
+            raise ConfigError(
+                f"--resume {path}: not a complete evotune checkpoint (no COMPLETE marker)"
+            )
+        saved = ckpt.read_json(path / "trainer_state.json")
+        _check_same_run(path, saved, expected)
+        self.engine.load_state(path)
+        restore_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        state = TrainState(**saved["state"])
+        logger.info("resumed from %s at step %d", path, state.step)
+        return state, saved
+
+
+def _check_same_run(path: Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
+    mismatch = {
+        "engine": "saved by the {saved!r} engine, now {now!r}; resume with the same --deepspeed "
+        "setting (or export the HF folder and start a new run)",
+        "dp_size": "saved with data-parallel size {saved}, now {now}; resume with the same number "
+        "of processes / sp size",
+        "dataset": "the dataset or packing changed ({saved} -> {now}); resume with the original "
+        "data and packing settings",
+    }
+    for key, now in expected.items():
+        if saved.get(key) != now:
+            reason = mismatch[key].format(saved=saved.get(key), now=now)
+            raise ConfigError(f"--resume {path}: {reason}")
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as plain values and tensors (weights_only loads)."""
+    import random
+
+    version, python_state, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(python_state), gauss],
+        "numpy": [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), position, has_gauss,
+                  cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }  # fmt: skip
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _portable_config(hf_dir: Path) -> None:
+    """Saved configs must not name evotune's training-only attention functions."""
+    config_path = hf_dir / "config.json"
+    config = ckpt.read_json(config_path)
+    for key in ("_attn_implementation", "attn_implementation"):
+        if str(config.get(key, "")).startswith("evotune_"):
+            config.pop(key)
+    config["use_cache"] = True  # training turned the cache off; generation wants it back
+    ckpt.write_json(config_path, config)

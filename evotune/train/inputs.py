@@ -1,0 +1,157 @@
+"""The run's inputs, in data-flow order: tokenizer, dataset, sampler, micro-batches.
+
+``micro_batches`` yields each micro-batch with the data position *after* it, so
+the trainer's state is updated from what it was handed, never inside the
+generator; resuming is starting the generator from a saved position.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from ..config import TrainConfig, build_component
+from ..data import (
+    InternRepoSampler,
+    PackCollator,
+    PackedBatch,
+    PackedDataset,
+    build_packed_dataset,
+    load_intern_repo_tokenized_dataset,
+)
+from ..errors import ConfigError, DataError
+from ..parallel.dims import ParallelDims
+from .state import DataPosition
+
+logger = logging.getLogger("evotune")
+
+
+def load_tokenizer(settings: TrainConfig) -> PreTrainedTokenizerBase | None:
+    source = settings.tokenizer_name_or_path or settings.pretrained_model_name_or_path
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        if settings.tokenizer_name_or_path:
+            raise ConfigError(
+                f"tokenizer_name_or_path: cannot load a tokenizer from {source!r} ({error})"
+            ) from None
+        logger.warning("no tokenizer found in %s; checkpoints will hold weights only", source)
+        return None
+
+
+def build_dataset(settings: TrainConfig) -> PackedDataset:
+    spec = settings.train_dataset
+    if spec is None:
+        spec = dict(
+            type=build_packed_dataset,
+            dataset_cfg=dict(
+                type=load_intern_repo_tokenized_dataset, folder=settings.dataset_folder
+            ),
+            packed_length=settings.max_length,
+        )
+    dataset = build_component(spec)
+    if not isinstance(dataset, PackedDataset):
+        raise ConfigError("train_dataset must build a packed dataset (type=build_packed_dataset)")
+    if dataset.packed_length != settings.max_length:
+        raise ConfigError(
+            f"train_dataset.packed_length={dataset.packed_length} differs from max_length="
+            f"{settings.max_length}; use packed_length=max_length in the config"
+        )
+    return dataset
+
+
+def build_sampler(
+    settings: TrainConfig, dataset: PackedDataset, dims: ParallelDims
+) -> InternRepoSampler:
+    loader_spec = settings.train_dataloader or {}
+    spec = loader_spec.get("sampler") or dict(type=InternRepoSampler)
+    sampler: InternRepoSampler = build_component(
+        spec,
+        dataset=dataset,
+        micro_num=settings.accumulative_counts * settings.batch_size,
+        dp_size=dims.dp_size,
+        dp_rank=dims.dp_rank,
+        dataset_weights=settings.dataset_weights,
+    )
+    return sampler
+
+
+def build_collator(settings: TrainConfig, dataset: PackedDataset) -> PackCollator:
+    return PackCollator(None if settings.use_varlen_attn else dataset.attention_windows())
+
+
+def plan_total_steps(
+    settings: TrainConfig, dataset: PackedDataset, sampler: Any, dims: ParallelDims
+) -> int:
+    """total_steps when set (InternEvo), else every micro-batch of max_epochs (XTuner)."""
+
+    def micro_batches_in_epoch(epoch: int) -> int:
+        return len(sampler.rank_indices(epoch)) // settings.batch_size
+
+    if micro_batches_in_epoch(0) == 0:
+        raise DataError(
+            f"{dataset.corpus.folder}: {len(dataset)} packs of {settings.max_length} tokens give "
+            f"no micro-batch of {settings.batch_size} pack(s) per rank at data-parallel size "
+            f"{dims.dp_size}; add data or lower max_length/batch_size"
+        )
+    if settings.total_steps is not None:
+        return settings.total_steps
+    micro_batches = sum(micro_batches_in_epoch(e) for e in range(settings.max_epochs))
+    return math.ceil(micro_batches / settings.accumulative_counts)
+
+
+def micro_batches(
+    settings: TrainConfig,
+    dataset: PackedDataset,
+    sampler: Any,
+    collator: PackCollator,
+    start: DataPosition,
+) -> Iterator[tuple[PackedBatch, DataPosition]]:
+    """This rank's micro-batches from ``start``, epoch after epoch, each with its position."""
+    epoch, consumed = start.epoch, start.consumed_in_epoch
+    while settings.total_steps is not None or epoch < settings.max_epochs:
+        sampler.set_epoch(epoch, start=consumed)
+        loader = DataLoader(
+            dataset,
+            batch_size=settings.batch_size,
+            sampler=sampler,
+            collate_fn=collator,
+            num_workers=settings.num_workers,
+            drop_last=True,
+            persistent_workers=False,
+        )
+        for batch in loader:
+            consumed += settings.batch_size
+            yield batch, DataPosition(epoch, consumed)
+        epoch, consumed = epoch + 1, 0
+
+
+def check_model_fits_data(
+    model_config: Any,
+    dataset: PackedDataset,
+    tokenizer: PreTrainedTokenizerBase | None,
+) -> None:
+    dataset.vocab_size = model_config.vocab_size
+    if tokenizer is not None and len(tokenizer) > model_config.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's embeddings hold "
+            f"{model_config.vocab_size}; resize the model or use its own tokenizer"
+        )
+    longest = dataset.segment_limit
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions is not None and longest > positions and not _has_rope_scaling(model_config):
+        raise ConfigError(
+            f"max_length / max_length_per_sample allows segments of {longest} tokens but the "
+            f"model has max_position_embeddings={positions} and no rope scaling; lower "
+            "max_length_per_sample or use a long-context model"
+        )
+
+
+def _has_rope_scaling(config: Any) -> bool:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope.get("rope_type", rope.get("type", "default")) != "default"
