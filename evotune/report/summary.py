@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .records import RunRecords, read_records
+from .records import METRICS_FILE, RunRecords, read_records
 
 LOCK_FILE = ".lock"
 LOG_FILE = "train.log"
@@ -29,7 +29,11 @@ _LOG_TOTAL = re.compile(r"(\d+) optimizer steps from step \d+")
 def summarize(work_dir: Path, verify: bool = False) -> dict[str, Any]:
     """The run's state as a JSON-ready dict; ``verify`` checks every checkpoint's manifest."""
     work_dir = Path(work_dir)
-    run = read_records(work_dir)
+    started = any((work_dir / name).exists() for name in (LOCK_FILE, LOG_FILE, "config.py"))
+    if started and not (work_dir / METRICS_FILE).exists():
+        run = RunRecords(work_dir=work_dir)  # a run that has not finished its first step
+    else:
+        run = read_records(work_dir)
     last = run.train[-1] if run.train else {}
     checkpoints = _checkpoints(work_dir, verify)
     total = _total_steps(work_dir, checkpoints)
@@ -90,7 +94,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"run       {summary['work_dir']}",
         f"status    {status['text']}",
         f"steps     {progress}, epoch {steps['epoch']}, skipped {steps['skipped']}"
-        + (f" (at {', '.join(map(str, steps['skipped_at']))})" if steps["skipped"] else ""),
+        + (f" (at {', '.join(map(str, steps['skipped_at']))})" if steps["skipped"] else "")
+        if steps["done"]
+        else f"steps     {progress}: no step finished yet",
         f"tokens    {_count(tokens['total'])} ({_count(tokens['trainable'])} trained on)",
         "time      "
         + ", ".join(
@@ -339,7 +345,7 @@ def read_lock(work_dir: Path) -> dict[str, Any] | None:
 
 def _status(work_dir: Path, done: int, total: int | None) -> dict[str, Any]:
     lock = read_lock(work_dir)
-    metrics = work_dir / "metrics.jsonl"
+    metrics = work_dir / METRICS_FILE
     idle_s = time.time() - metrics.stat().st_mtime if metrics.exists() else None
     finished = total is not None and done >= total
     since = f"; last record {_duration(idle_s)} ago" if idle_s is not None else ""
