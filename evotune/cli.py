@@ -12,6 +12,7 @@ from pathlib import Path
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
+EXIT_BROKEN_PIPE = 141
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,9 +51,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
-    export = commands.add_parser("export", help="copy a checkpoint's Hugging Face folder")
-    export.add_argument("checkpoint", help="WORK_DIR/checkpoint-<step>")
+    export = commands.add_parser(
+        "export", help="copy a checkpoint's Hugging Face folder (verified against its manifest)"
+    )
+    export.add_argument(
+        "checkpoint",
+        help="WORK_DIR/checkpoint-<step> (padded or not), or WORK_DIR for its newest intact one",
+    )
+    export.add_argument("--step", type=int, help="with a WORK_DIR: the checkpoint of this step")
     export.add_argument("-o", "--output", required=True, help="new folder for the HF model")
+
+    plot = commands.add_parser("plot", help="loss, LR, grad norm, tokens/s of work dirs -> PNG")
+    plot.add_argument("work_dirs", nargs="+", metavar="WORK_DIR", help="one curve set per run")
+    plot.add_argument("-o", "--output", default="curves.png", help="image file (.png/.pdf/.svg)")
+    plot.add_argument(
+        "--smooth", type=int, metavar="STEPS", help="EMA span (default: about 1/25 of the run)"
+    )
+    plot.add_argument("--x", choices=["step", "tokens"], default="step", help="x axis")
+
+    report = commands.add_parser("report", help="one-screen summary of a finished or running run")
+    report.add_argument("work_dir")
+    report.add_argument("--json", action="store_true", help="print JSON instead of text")
+    report.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every checkpoint's files against its manifest (reads them all)",
+    )
 
     convert = commands.add_parser("convert", help="migrate InternEvo configs and checkpoints")
     convert_commands = convert.add_subparsers(dest="convert_command", required=True, metavar="WHAT")
@@ -103,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.add_argument("--plot", metavar="PNG", help="write a histogram of sample lengths")
 
+    check = data_commands.add_parser(
+        "check", help="read every line of every shard: JSON, ids < vocab size, .meta vs file"
+    )
+    check.add_argument("folder")
+    check.add_argument(
+        "--vocab-size", type=int, required=True, help="the model's vocab size: abs(id) < N"
+    )
+    check.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
+    check.add_argument("--file-type", default=".bin")
+    check.add_argument("--json", action="store_true", help="print JSON instead of lines")
+
     tokenize = data_commands.add_parser(
         "tokenize", help="JSONL text or chat messages -> ftdp shards (non-assistant tokens negated)"
     )
@@ -116,6 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument(
         "--trained-roles", nargs="+", default=["assistant"], help="roles whose tokens carry loss"
     )
+    tokenize.add_argument(
+        "--format",
+        choices=["jsonl", "xtuner", "internevo-untokenized"],
+        default="jsonl",
+        help="jsonl: {text}/{messages} lines; xtuner: XTuner {conversation}/{messages} records "
+        "(.json list or .jsonl); internevo-untokenized: folders of .json message-list lines",
+    )
+    tokenize.add_argument(
+        "--prompt-template",
+        metavar="NAME",
+        help="xtuner formats: an XTuner template (internlm2_chat, llama3_chat, qwen_chat, "
+        "mistral, ...), 'tokenizer' (its chat template) or 'none'",
+    )
+    tokenize.add_argument(
+        "--max-length", type=int, help="xtuner formats: cut each sample to N tokens as XTuner does"
+    )
+    tokenize.add_argument(
+        "--file-type", default=".json", help="internevo-untokenized: input file suffix"
+    )
+    tokenize.add_argument(
+        "--overwrite", action="store_true", help="replace shards that already exist"
+    )
     return parser
 
 
@@ -123,20 +180,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            return _train(args, argv)
-        if args.command == "data":
-            return _data(args)
-        if args.command == "export":
-            return _export(args)
-        if args.command == "convert":
-            return _convert(args)
+        code = _dispatch(args, argv)
+        sys.stdout.flush()  # a reader that left (`| head`) shows here, not at interpreter exit
+    except BrokenPipeError:
+        return _reader_gone()
     except KeyboardInterrupt:
         print("evotune: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # the one place that turns errors into exit codes
         return _report(error)
+    return code
+
+
+def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.command == "train":
+        return _train(args, argv)
+    if args.command == "data":
+        return _data(args)
+    if args.command == "export":
+        return _export(args)
+    if args.command == "convert":
+        return _convert(args)
+    if args.command == "plot":
+        return _plot(args)
+    if args.command == "report":
+        return _run_report(args)
     return EXIT_FAILURE
+
+
+def _reader_gone() -> int:
+    """Stop quietly when stdout's reader closed the pipe, as unix tools do (exit 128 + SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the exit-time flush of what is left goes nowhere
+    return EXIT_BROKEN_PIPE
 
 
 def _report(error: BaseException) -> int:
@@ -206,10 +282,30 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .train.checkpoint import export_hf
+    from .train.checkpoint import export_hf, resolve_checkpoint
 
-    output = export_hf(Path(args.checkpoint), Path(args.output))
-    print(f"exported {args.checkpoint} -> {output}")
+    checkpoint = resolve_checkpoint(args.checkpoint, args.step)
+    output = export_hf(checkpoint, Path(args.output))
+    print(f"exported {checkpoint} -> {output}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .report.plot import plot_runs
+
+    runs = plot_runs([Path(w) for w in args.work_dirs], Path(args.output), args.smooth, args.x)
+    steps = ", ".join(str(run.train[-1]["step"]) for run in runs)
+    print(f"wrote {args.output} (steps: {steps})")
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import json
+
+    from .report import format_summary, summarize
+
+    summary = summarize(Path(args.work_dir), verify=args.verify)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 
 
@@ -217,6 +313,8 @@ def _data(args: argparse.Namespace) -> int:
     from .data import tools
     from .data.ftdp import write_data_order
 
+    if args.data_command == "check":
+        return _data_check(args)
     if args.data_command == "order":
         count = write_data_order(args.folder, args.output, args.file_type)
         print(f"wrote {count} shard paths to {args.output}")
@@ -238,14 +336,43 @@ def _data(args: argparse.Namespace) -> int:
             args.text_key,
             args.messages_key,
             args.trained_roles,
+            input_format=args.format,
+            prompt_template=args.prompt_template,
+            max_length=args.max_length,
+            file_type=args.file_type,
+            overwrite=args.overwrite,
         )
         for row in results:
+            dropped = f", {row['dropped']} dropped (no trained token)" if row["dropped"] else ""
             print(
                 f"{row['shard']}: {row['samples']} samples, {row['tokens']} tokens, "
-                f"{100 * row['trainable_share']:.1f}% trained (verified)"
+                f"{100 * row['trainable_share']:.1f}% trained{dropped} (verified)"
             )
+            for warning in row["warnings"]:
+                print(f"evotune: warning: {warning}", file=sys.stderr)
     return 0
 
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    import json
+
+    from .data.check import check_folder
+
+    report = check_folder(
+        args.folder,
+        args.vocab_size,
+        args.workers,
+        args.file_type,
+        emit=None if args.json else print,
+    )
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for note in report.notes:
+            print(f"note: {note}")
+        print(report.summary())
+    return EXIT_USER_ERROR if report.problem_count else 0
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
