@@ -33,6 +33,7 @@ def test_help():
     assert result.returncode == 0 and "--cfg-options" in result.stdout
 
 
+@pytest.mark.integration
 def test_demo_trains_and_exports(tmp_path):
     work = tmp_path / "demo"
     result = evotune("train", "configs/demo.py", "--work-dir", str(work))
@@ -56,6 +57,7 @@ def test_demo_trains_and_exports(tmp_path):
     assert "evotune" not in json.dumps(saved)
 
 
+@pytest.mark.integration
 def test_config_error_is_one_line_and_exit_2(tmp_path):
     config = tmp_path / "bad.py"
     config.write_text("pretrained_model_name_or_path = 'x'\nlearning_rate = 1e-4\n")
@@ -65,6 +67,7 @@ def test_config_error_is_one_line_and_exit_2(tmp_path):
     assert len(lines) == 1 and "unknown setting 'learning_rate'" in lines[0]
 
 
+@pytest.mark.integration
 def test_missing_model_folder(tmp_path):
     result = evotune(
         "train",
@@ -78,6 +81,7 @@ def test_missing_model_folder(tmp_path):
     assert "pretrained_model_name_or_path" in result.stderr and "does not exist" in result.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -94,6 +98,7 @@ def test_data_and_model_mismatch_errors(tmp_path, override, message):
     assert message in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.integration
 def test_tokenizer_larger_than_embeddings(tmp_path):
     import shutil
 

@@ -209,6 +209,7 @@ def test_rotary_layout_permutation_is_undone():
     torch.testing.assert_close(deinterleave_rotary(stored, HEADS), weight, rtol=0, atol=0)
 
 
+@pytest.mark.integration
 def test_cli_and_refusals(tmp_path, original):
     write_internevo_checkpoint(original, tmp_path / "ckpt", 2, 1, True, False)
     result = subprocess.run(
@@ -242,6 +243,7 @@ def test_cli_and_refusals(tmp_path, original):
         convert_internevo_checkpoint(bad, tmp_path / "hf3")
 
 
+@pytest.mark.integration
 def test_internlm2_hf_folder_to_llama(tmp_path, original):
     state = original.state_dict()
     weights = {

@@ -87,6 +87,7 @@ def _write(tmp_path, data, tp=1, extra=""):
     return path
 
 
+@pytest.mark.integration
 def test_converted_config_loads_and_trains(tmp_path, assets):
     model, data = assets
     source = _write(tmp_path, data)
@@ -133,6 +134,7 @@ def test_math_changing_keys_need_allow_approximate(tmp_path, assets):
     assert "skip_batches" in (tmp_path / "run.py").read_text()
 
 
+@pytest.mark.integration
 def test_unresolvable_base_import_then_internevo_root(tmp_path, assets):
     model, data = assets
     text = "from configs._base_.default_runtime import *\nmicro = MICRO_NUM\n"

@@ -35,6 +35,7 @@ def _hand_gradients(model_dir, micro_batches, reduction):
     return {n: p.grad.clone() for n, p in model.named_parameters()}, float(objective)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("reduction", ["pack", "token"])
 def test_step_objective_matches_hand_computation(tmp_path, reduction):
     model_dir = save_tiny_llama(tmp_path / "model")

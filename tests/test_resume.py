@@ -22,6 +22,8 @@ from evotune.train.checkpoint import complete_checkpoints
 
 STEPS = 8
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

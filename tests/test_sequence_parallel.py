@@ -66,19 +66,17 @@ def test_split_pads_with_an_ignored_segment():
     assert parts[0].cu_seqlens.tolist() == [0, 3, 7, 8]  # global boundaries, pad segment last
 
 
-def test_head_and_world_checks():
+def test_head_and_world_checks(monkeypatch):
     with pytest.raises(ConfigError, match="must divide the model's num_attention_heads"):
         check_heads(num_heads=6, num_kv_heads=2, sp=4)
     check_heads(num_heads=8, num_kv_heads=1, sp=4)  # few KV heads are repeated
-    os.environ.update(WORLD_SIZE="3", RANK="0", LOCAL_RANK="0")
-    try:
-        with pytest.raises(ConfigError, match="must divide the number of processes"):
-            ParallelDims.from_environment(sp_size=2)
-    finally:
-        for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-            os.environ.pop(key)
+    for key, value in (("WORLD_SIZE", "3"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match="must divide the number of processes"):
+        ParallelDims.from_environment(sp_size=2)
 
 
+@pytest.mark.integration
 def test_sp2_loss_and_gradients_equal_the_whole_row(tmp_path):
     output = tmp_path / "sp.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -121,6 +119,7 @@ def setup(tmp_path_factory):
     return root, model, data
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "engine, checkpointing",
     [

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from ..config import ConfigError, TrainConfig
 from ..data.collate import PackedBatch
@@ -80,7 +81,7 @@ def load_deepspeed_config(
         raise ConfigError(
             f"--deepspeed {source}: train_batch_size={config['train_batch_size']} contradicts "
             f"the run ({dims.dp_size} data-parallel ranks x accumulative_counts="
-            f"{settings.accumulative_counts} x 1 row = {global_batch}); set it to \"auto\""
+            f'{settings.accumulative_counts} x 1 row = {global_batch}); set it to "auto"'
         )
     # DeepSpeed averages gradients over every rank, sequence-parallel ones included (the
     # trainer's loss scaling assumes exactly that), so it derives train_batch_size itself
@@ -115,7 +116,7 @@ class DeepSpeedEngine(EngineBase):
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         dims: ParallelDims,
         config: dict[str, Any],
         settings: TrainConfig,

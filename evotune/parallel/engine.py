@@ -66,7 +66,8 @@ def optimizer_param_groups(
     parameters = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if scope == "all":
         return [{"params": [p for _, p in parameters], "weight_decay": weight_decay}]
-    decayed, spared = [], []
+    decayed: list[nn.Parameter] = []
+    spared: list[nn.Parameter] = []
     for name, parameter in parameters:
         lowered = name.lower()
         is_norm = any(hint in lowered for hint in _NORM_PARAMETER_HINTS)

@@ -116,8 +116,8 @@ def micro_batches(
     epoch, consumed = start.epoch, start.consumed_in_epoch
     while settings.total_steps is not None or epoch < settings.max_epochs:
         sampler.set_epoch(epoch, start=consumed)
-        loader = DataLoader(
-            dataset,
+        loader: DataLoader[PackedBatch] = DataLoader(
+            dataset,  # type: ignore[arg-type]  # a map-style dataset of dicts
             batch_size=settings.batch_size,
             sampler=sampler,
             collate_fn=collator,
