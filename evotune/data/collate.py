@@ -27,6 +27,12 @@ class PackedBatch:
     max_seqlen: int
     type_ids: torch.Tensor  # (1, T) int64
     num_packs: int
+    # cu_seqlens as Python ints, read on the host once so no kernel syncs with the device
+    segment_bounds: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.segment_bounds is None and self.cu_seqlens.device.type == "cpu":
+            self.segment_bounds = tuple(self.cu_seqlens.tolist())
 
     @property
     def num_tokens(self) -> int:
@@ -48,6 +54,7 @@ class PackedBatch:
             max_seqlen=self.max_seqlen,
             type_ids=self.type_ids.to(device, non_blocking=True),
             num_packs=self.num_packs,
+            segment_bounds=self.segment_bounds,
         )
 
 
@@ -86,4 +93,5 @@ class PackCollator:
             max_seqlen=int(np.diff(cu_seqlens).max()),
             type_ids=row("type_ids"),
             num_packs=len(items),
+            segment_bounds=tuple(int(b) for b in cu_seqlens),
         )

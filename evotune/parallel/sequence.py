@@ -13,7 +13,7 @@ The object travels to the attention function as a forward keyword argument
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -120,6 +120,7 @@ class SequenceParallel:
             batch.type_ids,
         )
         cu_seqlens = batch.cu_seqlens
+        bounds = batch.segment_bounds
         if pad:
 
             def extend(row: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -130,6 +131,7 @@ class SequenceParallel:
             positions = extend(positions, torch.arange(pad))
             types = extend(types, torch.full((pad,), -1))
             cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([tokens + pad])])
+            bounds = None if bounds is None else (*bounds, tokens + pad)
         width = (tokens + pad) // self.size
         window = slice(self.rank * width, (self.rank + 1) * width)
         return PackedBatch(
@@ -140,6 +142,7 @@ class SequenceParallel:
             max_seqlen=max(batch.max_seqlen, pad),
             type_ids=types[:, window],
             num_packs=batch.num_packs,
+            segment_bounds=bounds,
         )
 
     def attention(
@@ -148,11 +151,15 @@ class SequenceParallel:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int | None,
-        scale: float,
+        metadata: Any,
+        call: Any,
     ) -> torch.Tensor:
-        """q, k, v: (heads, local_tokens, dim) -> output (local_tokens, heads, dim)."""
+        """q, k, v: (heads, local_tokens, dim) -> output (local_tokens, heads, dim).
+
+        ``metadata`` describes the whole row (global segment bounds); ``call`` is the
+        layer's request (scale, window, softcap, sinks); sinks are per query head, so
+        this rank keeps the sinks of its own head slice.
+        """
         heads, kv_heads = q.shape[0], k.shape[0]
         if kv_heads % self.size:
             # too few KV heads to split: give every query head its own copy first
@@ -161,7 +168,10 @@ class SequenceParallel:
         q_full = _SeqToHead.apply(q, self.size, self.group)
         k_full = _SeqToHead.apply(k, self.size, self.group)
         v_full = _SeqToHead.apply(v, self.size, self.group)
-        total = q_full.shape[1]
-        output = kernel(q_full, k_full, v_full, cu_seqlens, int(max_seqlen or total), scale)
+        if call.sinks is not None:
+            local_heads = heads // self.size
+            sinks = call.sinks[self.rank * local_heads : (self.rank + 1) * local_heads]
+            call = replace(call, sinks=sinks)
+        output = kernel(q_full[None], k_full[None], v_full[None], metadata, call)[0]
         local = _HeadToSeq.apply(output.transpose(0, 1), self.size, self.group)
         return local.transpose(0, 1)
