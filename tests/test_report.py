@@ -172,6 +172,14 @@ def test_report_of_a_running_run(tmp_path):
     assert "3/100 (3.0%)" in text and "ETA" in text and "none complete yet" in text
 
 
+def test_wall_time_needs_time_stamps(tmp_path):
+    work = _write(tmp_path, [_record(s, 3.0, time=1000.0 + 10 * s) for s in range(1, 7)])
+    assert summarize(work)["time"]["wall_s"] == pytest.approx(50.2)  # step 1 began 0.2 s early
+    _write(tmp_path, [_record(s, 3.0) for s in range(1, 7)])
+    summary = summarize(work)
+    assert summary["time"]["wall_s"] is None and " wall," not in format_summary(summary)
+
+
 def test_report_before_the_first_step(tmp_path):
     (tmp_path / "config.py").write_text("lr = 1e-3\n")  # what a run writes before its first step
     summary = summarize(tmp_path)

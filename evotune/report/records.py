@@ -42,8 +42,9 @@ class RunRecords:
         steps, values = [], []
         for row in rows:
             value = row.get(key)
-            numeric = isinstance(value, int | float) and not isinstance(value, bool)
-            if numeric and math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if math.isfinite(value):
                 steps.append(row["step"])
                 values.append(float(value))
         return steps, values

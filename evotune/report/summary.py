@@ -229,29 +229,15 @@ def _best_and_last(steps: list[int], values: list[float]) -> dict[str, Any]:
 
 
 def _wall_time(run: RunRecords) -> float | None:
-    """Sum over run segments of last minus first record time (records with a ``time`` field)."""
-    total, start, previous, previous_step = 0.0, None, None, None
-    found = False
-    for row in run.train:
-        stamp = row.get("time")
-        if not isinstance(stamp, int | float):
-            start = previous = None
-            continue
-        found = True
-        # a step gap or a time jump backwards starts a new segment (a resume)
-        if (
-            start is None
-            or previous is None
-            or stamp < previous
-            or row["step"] != previous_step + 1
-        ):
-            if start is not None and previous is not None:
-                total += previous - start
-            start = stamp - (row.get("step_time_s") or 0.0)
-        previous, previous_step = stamp, row["step"]
-    if start is not None and previous is not None:
-        total += previous - start
-    return total if found else None
+    """From the start of the first kept step to the last record, pauses between resumes included.
+
+    Needs a ``time`` stamp (seconds since the epoch) in the records; None without one.
+    """
+    stamped = [row for row in run.train if isinstance(row.get("time"), int | float)]
+    if not stamped:
+        return None
+    first, last = stamped[0], stamped[-1]
+    return float(last["time"] - first["time"] + (first.get("step_time_s") or 0.0))
 
 
 def _total_steps(work_dir: Path, checkpoints: dict[str, Any]) -> int | None:
@@ -337,8 +323,8 @@ def read_lock(work_dir: Path) -> dict[str, Any] | None:
     host = holder.get("host", holder.get("hostname"))
     pid = holder.get("pid")
     return {
-        "host": str(host) if host is not None else None,
-        "pid": int(pid) if str(pid).isdigit() else None,
+        "host": None if host is None else str(host),
+        "pid": int(str(pid)) if str(pid).isdigit() else None,
         "raw": text[:200],
     }
 

@@ -223,13 +223,14 @@ def write_manifest(folder: Path) -> Path:
     files = _manifest_candidates(folder)
     with ThreadPoolExecutor(HASH_THREADS) as pool:
         digests = list(pool.map(_sha256, [folder / name for name in files]))
+    sizes = [(folder / name).stat().st_size for name in files]
     entries = {
-        name: {"bytes": (folder / name).stat().st_size, "sha256": digest}
-        for name, digest in zip(files, digests, strict=True)
+        name: {"bytes": size, "sha256": digest}
+        for name, size, digest in zip(files, sizes, digests, strict=True)
     }
     path = folder / MANIFEST_FILE
     write_json(path, {"version": MANIFEST_VERSION, "algorithm": "sha256", "files": entries})
-    total = sum(entry["bytes"] for entry in entries.values())
+    total = sum(sizes)
     logger.debug(
         "%s: %d files, %.2f GB hashed in %.2f s",
         path,
