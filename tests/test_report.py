@@ -174,7 +174,9 @@ def test_report_of_a_running_run(tmp_path):
 
 def test_wall_time_needs_time_stamps(tmp_path):
     work = _write(tmp_path, [_record(s, 3.0, time=1000.0 + 10 * s) for s in range(1, 7)])
-    assert summarize(work)["time"]["wall_s"] == pytest.approx(50.2)  # step 1 began 0.2 s early
+    summary = summarize(work)
+    assert summary["time"]["wall_s"] == pytest.approx(50.2)  # step 1 began 0.2 s early
+    assert "50.2s wall, 1.2s in steps" in format_summary(summary)
     _write(tmp_path, [_record(s, 3.0) for s in range(1, 7)])
     summary = summarize(work)
     assert summary["time"]["wall_s"] is None and " wall," not in format_summary(summary)
