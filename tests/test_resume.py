@@ -87,7 +87,7 @@ def test_kill9_then_resume_auto_is_bit_identical(setup, straight, tmp_path, npro
         root, f"killed{nproc}", model, data, accumulative_counts=2 if nproc == 1 else 1
     )
     work = tmp_path / "killed"
-    kill_after = random.randint(3, STEPS - 1)  # a save (every 2 steps) happened before it
+    kill_after = random.Random(nproc).randint(3, STEPS - 1)  # a save (every 2 steps) came first
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(NPROC_PER_NODE=str(nproc), PORT=str(free_port()), OMP_NUM_THREADS="1")
     process = subprocess.Popen(

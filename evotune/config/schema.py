@@ -31,6 +31,7 @@ DType = Literal["float32", "bfloat16"]
 LossReduction = Literal["pack", "token"]
 LRSchedule = Literal["internevo", "xtuner", "constant"]
 WeightDecayScope = Literal["all", "no_bias_norm"]
+OnBadSample = Literal["error", "skip"]
 AttnImplementation = Literal["auto", "sdpa", "flex_attention", "eager", "flash_attention_2"]
 
 
@@ -88,6 +89,11 @@ class TrainConfig:
     train_dataloader: dict[str, Any] | None = None
     """Component: dict(sampler=dict(type=InternRepoSampler, ...)); may repeat batch_size and
     num_workers (equal values only) and dataset=train_dataset."""
+    on_bad_sample: OnBadSample = "error"
+    """A sample found broken while training (not JSON, no tokens, an id beyond the vocab, a
+    length that contradicts the .meta): 'error' saves the last good state and stops naming
+    file:line; 'skip' trains it as ignored tokens of the same length (every other pack
+    unchanged) and reports the skipped samples per file at the end."""
 
     # -- optimisation ----------------------------------------------------------
     accumulative_counts: int = 1

@@ -136,6 +136,19 @@ class ParallelDims:
         summed = self.all_reduce_sum([*per_rank, *shared])
         return summed[: len(per_rank)], summed[len(per_rank) :]
 
+    def first_failure(self, message: str | None) -> str | None:
+        """Collective: the failure of the lowest failing rank, or None when all are fine.
+
+        One small all-reduce when nothing failed; the messages travel only on failure.
+        """
+        if not self.is_distributed:
+            return message
+        if self.all_reduce_sum([1.0 if message else 0.0])[0] == 0:
+            return None
+        messages: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(messages, message)
+        return next(m for m in messages if m)
+
     def barrier(self) -> None:
         if self.is_distributed:
             dist.barrier()

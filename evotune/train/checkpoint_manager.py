@@ -94,6 +94,9 @@ class CheckpointManager:
             raise ConfigError(
                 f"--resume {path}: not a complete evotune checkpoint (no COMPLETE marker)"
             )
+        problems = ckpt.verify_checkpoint(path)
+        if problems:
+            raise ConfigError(f"--resume {path}: damaged: {'; '.join(problems)}")
         saved = ckpt.read_json(path / "trainer_state.json")
         _check_same_run(path, saved, expected)
         self.engine.load_state(path)

@@ -2,7 +2,9 @@
 
 ``EVOTUNE_FAULT=nan_loss@3,5`` turns the loss of optimizer steps 3 and 5 into NaN;
 ``EVOTUNE_FAULT=abort_in_save@4`` kills the process (exit 137, no cleanup) halfway
-through writing checkpoint 4, after the engine state and before the COMPLETE marker.
+through writing checkpoint 4, after the engine state and before the COMPLETE marker;
+``EVOTUNE_FAULT=slow_step@0.5`` makes every micro-batch take 0.5 s longer (time for
+a test to send a signal mid-run). Items are separated by ``;``.
 Without the variable the trainer uses its engine as is: nothing here is on the
 hot path.
 """
@@ -10,6 +12,7 @@ hot path.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,17 +31,23 @@ VARIABLE = "EVOTUNE_FAULT"
 class Faults:
     nan_loss_steps: frozenset[int] = field(default_factory=frozenset)
     abort_in_save_steps: frozenset[int] = field(default_factory=frozenset)
+    step_delay_s: float = 0.0
 
     @classmethod
     def from_environment(cls) -> Faults | None:
         spec = os.environ.get(VARIABLE, "")
         if not spec:
             return None
-        parsed: dict[str, frozenset[int]] = {}
+        parsed: dict[str, str] = {}
         for item in filter(None, spec.split(";")):
-            name, _, steps = item.partition("@")
-            parsed[name.strip()] = frozenset(int(s) for s in steps.split(",") if s)
-        return cls(parsed.get("nan_loss", frozenset()), parsed.get("abort_in_save", frozenset()))
+            name, _, value = item.partition("@")
+            parsed[name.strip()] = value
+
+        def steps(name: str) -> frozenset[int]:
+            return frozenset(int(s) for s in parsed.get(name, "").split(",") if s)
+
+        delay = float(parsed.get("slow_step", 0.0))
+        return cls(steps("nan_loss"), steps("abort_in_save"), delay)
 
 
 class FaultInjectingEngine:
@@ -55,6 +64,7 @@ class FaultInjectingEngine:
     def forward_backward(
         self, batch: PackedBatch, weight: float, aux_weight: float, sync: bool
     ) -> PackedLoss:
+        time.sleep(self._faults.step_delay_s)
         if self._current_step() + 1 not in self._faults.nan_loss_steps:
             return self._engine.forward_backward(batch, weight, aux_weight, sync)
         self._engine.forward_backward(batch, float("nan"), aux_weight, sync)

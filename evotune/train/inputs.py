@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from torch.utils.data import DataLoader
@@ -54,7 +55,13 @@ def build_dataset(settings: TrainConfig) -> PackedDataset:
             ),
             packed_length=settings.max_length,
         )
-    dataset = build_component(spec)
+    given = spec.get("on_bad_sample") if isinstance(spec, dict) else None
+    if given is not None and given != settings.on_bad_sample:
+        raise ConfigError(
+            f"train_dataset.on_bad_sample={given!r} contradicts the setting on_bad_sample="
+            f"{settings.on_bad_sample!r}; set it once, as the setting"
+        )
+    dataset = build_component(spec, on_bad_sample=settings.on_bad_sample)
     if not isinstance(dataset, PackedDataset):
         raise ConfigError("train_dataset must build a packed dataset (type=build_packed_dataset)")
     if dataset.packed_length != settings.max_length:
@@ -129,6 +136,24 @@ def micro_batches(
             consumed += settings.batch_size
             yield batch, DataPosition(epoch, consumed)
         epoch, consumed = epoch + 1, 0
+
+
+def check_tokenizer_provenance(
+    dataset: PackedDataset, tokenizer: PreTrainedTokenizerBase | None
+) -> None:
+    """Shards tokenized by another tokenizer stop the run; shards without a record warn."""
+    from ..data.provenance import check_provenance
+
+    warning = check_provenance(Path(dataset.corpus.folder), tokenizer)
+    if warning:
+        logger.warning("%s", warning)
+
+
+def report_bad_samples(dataset: PackedDataset) -> None:
+    for path, count in sorted(dataset.bad_sample_counts().items()):
+        logger.warning(
+            "on_bad_sample='skip': %d bad sample(s) trained as ignored tokens in %s", count, path
+        )
 
 
 def check_model_fits_data(

@@ -185,6 +185,7 @@ class RunLogger:
             "hfu": self._utilisation(hardware_flops / sp, elapsed),
             "step_time_s": elapsed,
             "peak_memory_mib": peak_memory_mib(self.dims.device),
+            "time": time.time(),
         }
         if aux_loss is not None:
             record["aux_loss"] = aux_loss

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..config import ConfigError, LoadedConfig, load_config
 from ..parallel.dims import ParallelDims
-from . import checkpoint as ckpt
+from .stopping import Preempted, StopRequest
+from .workdir import choose_start, truncate_records, work_dir_lock
 
 logger = logging.getLogger("evotune")
 
@@ -53,47 +54,52 @@ def setup_logging(dims: ParallelDims, work_dir: Path | None, progress_bar: bool 
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def resolve_resume(resume: str | None, work_dir: Path) -> str | None:
-    if resume is None:
-        return None
-    if resume == "auto":
-        latest = ckpt.latest_checkpoint(work_dir)
-        if latest is None:
-            logger.info("--resume auto: no complete checkpoint in %s; starting fresh", work_dir)
-            return None
-        return str(latest)
-    path = Path(resume)
-    if not path.is_dir():
-        raise ConfigError(f"--resume {resume}: no such checkpoint folder")
-    return str(path)
-
-
 def run_training(
     config_path: Path,
     overrides: list[str],
     work_dir: str | None = None,
     resume: str | None = None,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> int:
     from .trainer import Trainer
 
     loaded = load_config(config_path, overrides)
     dims = ParallelDims.from_environment(loaded.settings.sequence_parallel_size)
+    stop = StopRequest()
+    restore_signals = stop.install()
     succeeded = False
     try:
         work = resolve_work_dir(loaded, work_dir)
         setup_logging(dims, work, progress_bar=show_progress)
-        if dims.is_main:
-            rendered = loaded.render()
-            (work / "config.py").write_text(rendered)
-            logger.info("resolved config (saved to %s):\n%s", work / "config.py", rendered)
-        trainer = Trainer(
-            loaded, work, dims, resume=resolve_resume(resume, work), show_progress=show_progress
-        )
-        result = trainer.train()
+        with work_dir_lock(work, dims):
+            start = choose_start(work, dims, resume, overwrite)
+            trainer = Trainer(
+                loaded,
+                work,
+                dims,
+                resume=None if start is None else str(start),
+                show_progress=show_progress,
+                stop=stop,
+            )
+            if dims.is_main:  # only once the checkpoint was accepted
+                rendered = loaded.render()
+                (work / "config.py").write_text(rendered)
+                logger.info("resolved config (saved to %s):\n%s", work / "config.py", rendered)
+                if start is not None:
+                    truncate_records(work, trainer.state.step)
+            try:
+                result = trainer.train()
+            except Preempted as stopped:
+                if dims.is_main:
+                    logger.warning("%s", stopped)
+                    print(f"evotune: {stopped}", file=sys.stderr, flush=True)
+                succeeded = True  # every rank agreed on the stop and saved together
+                return stopped.exit_code
         if dims.is_main:
             logger.info("done: %d steps, last checkpoint %s", result.steps, result.last_checkpoint)
         succeeded = True
         return 0
     finally:
+        restore_signals()
         dims.shutdown(clean=succeeded)

@@ -15,6 +15,7 @@ import itertools
 import logging
 import math
 import random
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import torch
 
 from ..config import LoadedConfig, TrainConfig
 from ..data import PackedBatch
+from ..errors import DataError
 from ..parallel.dims import ParallelDims
 from ..parallel.parallelize import build_engine
 from . import inputs
@@ -35,6 +37,7 @@ from .loss_policy import LossPolicy
 from .metrics import RunLogger
 from .schedule import LRSchedule
 from .state import DataPosition, TrainingError, TrainState
+from .stopping import Preempted, StopRequest
 
 logger = logging.getLogger("evotune")
 
@@ -58,6 +61,7 @@ class StepResult:
     tokens: int  # whole rows of the step, every data-parallel replica
     trainable: int
     position: DataPosition  # where the data stream stands after this step
+    stop_requested: bool = False  # some rank received a stop signal
 
 
 class Trainer:
@@ -68,8 +72,10 @@ class Trainer:
         dims: ParallelDims | None = None,
         resume: str | None = None,
         show_progress: bool = True,
+        stop: StopRequest | None = None,
     ):
         self.loaded = loaded
+        self.stop = stop or StopRequest()
         self.settings: TrainConfig = loaded.settings
         s = self.settings
         self.work_dir = work_dir
@@ -84,6 +90,7 @@ class Trainer:
         self.collator = inputs.build_collator(s, self.dataset)
         self.model, self.engine = build_engine(s, self.dims)
         inputs.check_model_fits_data(self.model.config, self.dataset, self.tokenizer)
+        inputs.check_tokenizer_provenance(self.dataset, self.tokenizer)
         self.total_steps = inputs.plan_total_steps(s, self.dataset, self.sampler, self.dims)
         self.schedule = LRSchedule(
             s.lr_schedule,
@@ -124,7 +131,7 @@ class Trainer:
         stream = self.micro_batches()
         try:
             while self.state.step < self.total_steps:
-                chunk = list(itertools.islice(stream, s.accumulative_counts))
+                chunk = self._next_micro_batches(stream, result)
                 if not chunk:
                     break
                 started = time.perf_counter()
@@ -148,11 +155,34 @@ class Trainer:
                 )
                 run_logger.log(record)
                 result.losses.append(step.loss)
-                if self.checkpoints.due(self.state.step, self.state.step >= self.total_steps):
+                last = self.state.step >= self.total_steps
+                if self.checkpoints.due(self.state.step, last) or step.stop_requested:
                     result.last_checkpoint = self.save_checkpoint()
+                if step.stop_requested and not last:
+                    raise Preempted(
+                        self.stop.signal_number or signal.SIGTERM,
+                        self.state.step,
+                        result.last_checkpoint,
+                    )
         finally:
             run_logger.close()
+            inputs.report_bad_samples(self.dataset)
         return result
+
+    def _next_micro_batches(
+        self, stream: Iterator[tuple[PackedBatch, DataPosition]], result: TrainResult
+    ) -> list[tuple[PackedBatch, DataPosition]]:
+        """The next step's micro-batches; a data error on any rank saves the last good state."""
+        try:
+            chunk, failure = list(itertools.islice(stream, self.settings.accumulative_counts)), None
+        except DataError as error:
+            chunk, failure = [], _one_line(error)
+        failure = self.dims.first_failure(failure)
+        if failure is not None:
+            if self.state.step > 0:  # the weights are those of the last finished step
+                result.last_checkpoint = self.save_checkpoint()
+            raise DataError(failure)
+        return chunk
 
     def micro_batches(self) -> Iterator[tuple[PackedBatch, DataPosition]]:
         return inputs.micro_batches(
@@ -174,16 +204,25 @@ class Trainer:
             if parts.aux_loss is not None:
                 aux = (0.0 if aux is None else aux) + parts.aux_loss.double() * weights.aux
         rows = [float(sum(b.num_tokens for b in micro_batches)), float(sum(trainable))]
-        per_rank = [float(objective)] + ([] if aux is None else [float(aux)])
+        stop = float(self.stop.requested)  # rides on the step's reduction: all ranks agree
+        per_rank = [float(objective), stop] + ([] if aux is None else [float(aux)])
         summed, (tokens, step_trainable) = self.dims.sum_step(per_rank, rows)
         loss = summed[0]
         grad_norm, applied = self.engine.update(lr, s.max_norm, math.isfinite(loss))
         state.advance(position, int(tokens), applied)
         if not applied:
             self._report_skip(loss, grad_norm)
-        aux_loss = summed[1] if aux is not None else None
+        aux_loss = summed[2] if aux is not None else None
         return StepResult(
-            loss, aux_loss, lr, grad_norm, applied, int(tokens), int(step_trainable), position
+            loss,
+            aux_loss,
+            lr,
+            grad_norm,
+            applied,
+            int(tokens),
+            int(step_trainable),
+            position,
+            stop_requested=summed[1] > 0,
         )
 
     def _report_skip(self, loss: float, grad_norm: float) -> None:
@@ -261,6 +300,14 @@ class Trainer:
                 row["tokens_per_epoch"],
                 100 * row["share"],
             )
+
+
+def _one_line(error: BaseException) -> str:
+    """The cause of a data error, also when a DataLoader worker re-raised it with a traceback."""
+    text = str(error)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
 
 
 def _seed_everything(seed: int) -> None:
