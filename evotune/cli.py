@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="check every checkpoint's files against its manifest (reads them all)",
     )
 
-    convert = commands.add_parser("convert", help="migrate InternEvo configs and checkpoints")
+    convert = commands.add_parser(
+        "convert", help="migrate InternEvo and XTuner configs and InternEvo checkpoints"
+    )
     convert_commands = convert.add_subparsers(dest="convert_command", required=True, metavar="WHAT")
     ckpt = convert_commands.add_parser(
         "internevo-ckpt",
@@ -103,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_argument("--model", help="HF model folder to train (e.g. from internevo-ckpt)")
     config.add_argument(
+        "--allow-approximate",
+        action="store_true",
+        help="write the config even when a setting that changes the math cannot be honoured",
+    )
+
+    xtuner = convert_commands.add_parser(
+        "xtuner-config", help="XTuner v0.1 config file -> evotune config file"
+    )
+    xtuner.add_argument("config", help="an XTuner config (.py); it is read, not run")
+    xtuner.add_argument("-o", "--output", required=True)
+    xtuner.add_argument(
+        "--tokenized-dir",
+        help="where 'evotune data tokenize' puts JSON/untokenized data (default: next to -o)",
+    )
+    xtuner.add_argument(
         "--allow-approximate",
         action="store_true",
         help="write the config even when a setting that changes the math cannot be honoured",
@@ -264,6 +281,18 @@ def _convert(args: argparse.Namespace) -> int:
         from .convert.checkpoints import convert_internlm2_hf
 
         output = convert_internlm2_hf(Path(args.folder), Path(args.output))
+    elif args.convert_command == "xtuner-config":
+        from .convert.xtuner_config import convert_xtuner_config
+
+        print(
+            convert_xtuner_config(
+                Path(args.config),
+                Path(args.output),
+                allow_approximate=args.allow_approximate,
+                tokenized_dir=Path(args.tokenized_dir) if args.tokenized_dir else None,
+            )
+        )
+        output = Path(args.output)
     else:
         from .convert.internevo_config import convert_internevo_config
 
