@@ -139,6 +139,10 @@ class TrainConfig:
     or a JSON file; None: plain PyTorch (DDP when distributed)."""
 
     # -- run -------------------------------------------------------------------
+    cpu_threads: int | None = None
+    """Intra-op threads of each process on CPU. None: the cores this process may run on
+    (its affinity) divided by the processes of this node, at least 1; an explicit
+    OMP_NUM_THREADS in the environment wins over None."""
     seed: int = 0
     """Seed of model-side randomness (dropout); data order has its own seeds in the components."""
     save_steps: int = 500

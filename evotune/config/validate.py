@@ -128,6 +128,11 @@ def check_consistency(source: Path, s: TrainConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             fail(key, f"must be >= 1, got {value}")
+    if s.cpu_threads is not None and s.cpu_threads < 1:
+        fail(
+            "cpu_threads",
+            f"must be >= 1 (or None to use the cores this process may use), got {s.cpu_threads}",
+        )
     if s.total_steps is not None and s.total_steps < 1:
         fail("total_steps", f"must be >= 1 (or None to use max_epochs), got {s.total_steps}")
     if s.lr <= 0:

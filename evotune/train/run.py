@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from ..config import ConfigError, LoadedConfig, load_config
 from ..parallel.dims import ParallelDims
 from .stopping import Preempted, StopRequest
@@ -54,6 +56,18 @@ def setup_logging(dims: ParallelDims, work_dir: Path | None, progress_bar: bool 
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def choose_cpu_threads(requested: int | None, dims: ParallelDims) -> int | None:
+    """Threads for torch's CPU kernels: oversubscribing a busy machine costs 10-40x."""
+    if dims.device.type != "cpu":
+        return None
+    if requested is None and "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = requested or max(1, len(os.sched_getaffinity(0)) // local_processes)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def run_training(
     config_path: Path,
     overrides: list[str],
@@ -66,12 +80,15 @@ def run_training(
 
     loaded = load_config(config_path, overrides)
     dims = ParallelDims.from_environment(loaded.settings.sequence_parallel_size)
+    threads = choose_cpu_threads(loaded.settings.cpu_threads, dims)
     stop = StopRequest()
     restore_signals = stop.install()
     succeeded = False
     try:
         work = resolve_work_dir(loaded, work_dir)
         setup_logging(dims, work, progress_bar=show_progress)
+        if dims.is_main and threads is not None:
+            logger.info("cpu threads per process: %d (set cpu_threads to change)", threads)
         with work_dir_lock(work, dims):
             start = choose_start(work, dims, resume, overwrite)
             trainer = Trainer(
