@@ -667,3 +667,39 @@ def test_json_config_tokenizes_with_the_printed_command_and_trains(tmp_path):
     result = run_train(output, tmp_path / "work", *_TRAIN_OPTIONS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(losses(tmp_path / "work")) == 3
+
+
+@pytest.mark.parametrize(
+    "sampler,expected",
+    [
+        (
+            "dict(type=SequenceParallelSampler, seed=7)",
+            {"type": "SequenceParallelSampler", "shuffle": True, "seed": 7, "round_up": True},
+        ),
+        (
+            "dict(type=DefaultSampler, shuffle=False, seed=None)",
+            {"type": "SequenceParallelSampler", "shuffle": False, "seed": 0, "round_up": True},
+        ),
+        (
+            "dict(type=InternRepoSampler, shuffle=True, seed=3)",
+            {"type": "InternRepoSampler", "shuffle": True, "seed": 1024, "order": "xtuner"},
+        ),
+    ],
+)
+def test_samplers_and_their_seeds(tmp_path, sampler, expected):
+    text = xtuner_config(VARIANTS[0]).replace(
+        "sampler=dict(type=InternRepoSampler, shuffle=True, seed=1024)", f"sampler={sampler}"
+    )
+    imports = (
+        "from mmengine.dataset import DefaultSampler\n"
+        "from xtuner.parallel.sequence import SequenceParallelSampler\n"
+    )
+    (tmp_path / "s.py").write_text(imports + text)
+    report = convert_xtuner_config(tmp_path / "s.py", tmp_path / "out.py")
+    namespace: dict = {}
+    exec(compile((tmp_path / "out.py").read_text(), "out.py", "exec"), namespace)
+    got = dict(namespace["train_dataloader"]["sampler"])
+    got["type"] = got["type"].__name__
+    assert got == expected
+    if expected["seed"] == 1024 and "seed=3" in sampler:
+        assert "XTuner forces 1024" in report
