@@ -3,8 +3,11 @@
 Layout of ``WORK_DIR/checkpoint-<step>/``::
 
     hf/                 config.json, model.safetensors, tokenizer files (from_pretrained-ready)
-    trainer_state.json  step, updates, counters, sampler position, config fingerprint
-    optimizer.pt        optimizer state (torch engine; DeepSpeed keeps its own under ds/)
+    trainer_state.json  step, updates, counters, sampler position, engine, dp size,
+                        dataset identity
+    config.py           the resolved config of the run
+    optimizer.pt        optimizer state (torch engine; DeepSpeed keeps its own under deepspeed/)
+    master_weights.safetensors  fp32 weights when hf/ holds bf16 ones (torch engine)
     rng.pt              python / numpy / torch RNG states
     MANIFEST.json       size and sha256 of every file above (verified at resume and export)
     COMPLETE            written last, inside the temporary folder, before the rename
