@@ -30,6 +30,7 @@ from .internlm2 import (
     Shape,
     internlm1_to_llama,
     internlm2_to_llama,
+    llama_to_internlm2,
 )
 
 SHARD_NAME = re.compile(r"^model_tp(\d+)_pp(\d+)\.pt$")
@@ -252,57 +253,209 @@ def convert_internevo_checkpoint(folder: Path, output: Path, model_type: str | N
     return write_llama_folder(config, weights, output)
 
 
-def convert_internlm2_hf(folder: Path, output: Path) -> Path:
-    """A remote-code InternLM2 HF folder -> a native Llama folder (tokenizer files copied)."""
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ConversionError(f"{folder}: no config.json")
-    source = json.loads(config_path.read_text())
-    if source.get("model_type") != "internlm2":
-        raise ConversionError(
-            f"{config_path}: model_type is {source.get('model_type')!r}, not 'internlm2'"
-        )
-    if source.get("bias", False):
-        raise ConversionError(f"{config_path}: bias=True InternLM2 models have no Llama equivalent")
-    weights: dict[str, torch.Tensor] = {}
+INTERNLM2_CONFIG_KEY = "evotune_internlm2"  # Llama config attribute: the InternLM2 origin
+INTERNLM2_AUTO_MAP = {
+    "AutoConfig": "configuration_internlm2.InternLM2Config",
+    "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+    "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+}
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:
         raise ConversionError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin)")
+    weights: dict[str, torch.Tensor] = {}
     for file in files:
         weights.update(load_file(str(file)) if file.suffix == ".safetensors" else safe_load(file))
-    heads = int(source["num_attention_heads"])
+    return weights
+
+
+def read_internlm2_hf(folder: Path, source: str | None = None) -> tuple[LlamaConfig, dict]:
+    """A remote-code InternLM2 HF folder as the equivalent Llama config and weights, in memory.
+
+    The Llama config remembers the InternLM2 config and where it came from (attribute
+    ``evotune_internlm2``), so ``export_as_internlm2`` can write the layout back.
+    """
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{folder}: no config.json")
+    source_config = json.loads(config_path.read_text())
+    if source_config.get("model_type") != "internlm2":
+        raise ConversionError(
+            f"{config_path}: model_type is {source_config.get('model_type')!r}, not 'internlm2'"
+        )
+    if source_config.get("bias", False):
+        raise ConversionError(f"{config_path}: bias=True InternLM2 models have no Llama equivalent")
+    if source_config.get("hidden_act", "silu") != "silu":
+        raise ConversionError(
+            f"{config_path}: hidden_act={source_config['hidden_act']!r}; Llama uses 'silu'"
+        )
+    heads = int(source_config["num_attention_heads"])
     shape = Shape(
-        int(source["hidden_size"]),
-        int(source["num_hidden_layers"]),
+        int(source_config["hidden_size"]),
+        int(source_config["num_hidden_layers"]),
         heads,
-        int(source.get("num_key_value_heads", heads)),
+        int(source_config.get("num_key_value_heads", heads)),
     )
-    converted = internlm2_to_llama(weights, shape, interleaved_rotary=False)
-    rope_scaling = source.get("rope_scaling")
+    weights = internlm2_to_llama(_read_weights(folder), shape, interleaved_rotary=False)
     config = LlamaConfig(
-        vocab_size=int(source["vocab_size"]),
+        vocab_size=int(source_config["vocab_size"]),
         hidden_size=shape.hidden_size,
-        intermediate_size=int(source["intermediate_size"]),
+        intermediate_size=int(source_config["intermediate_size"]),
         num_hidden_layers=shape.num_layers,
         num_attention_heads=heads,
         num_key_value_heads=shape.num_kv_heads,
-        max_position_embeddings=int(source.get("max_position_embeddings", 2048)),
-        rms_norm_eps=float(source.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(source.get("rope_theta", 10000)),
-        rope_scaling=rope_scaling,
-        tie_word_embeddings=bool(source.get("tie_word_embeddings", False)),
-        bos_token_id=source.get("bos_token_id"),
-        eos_token_id=source.get("eos_token_id"),
-        pad_token_id=source.get("pad_token_id"),
+        max_position_embeddings=int(source_config.get("max_position_embeddings", 2048)),
+        rms_norm_eps=float(source_config.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(source_config.get("rope_theta", 10000)),
+        rope_scaling=source_config.get("rope_scaling"),
+        tie_word_embeddings=bool(source_config.get("tie_word_embeddings", False)),
+        bos_token_id=source_config.get("bos_token_id"),
+        eos_token_id=source_config.get("eos_token_id"),
+        pad_token_id=source_config.get("pad_token_id"),
+    )
+    setattr(
+        config,
+        INTERNLM2_CONFIG_KEY,
+        {"config": source_config, "source": source if source is not None else str(folder)},
     )
     if config.tie_word_embeddings:
-        converted.pop("lm_head.weight", None)
-    carried = (
-        "tokenizer.model",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "generation_config.json",
+        weights.pop("lm_head.weight", None)
+    return config, weights
+
+
+def convert_internlm2_hf(folder: Path, output: Path) -> Path:
+    """A remote-code InternLM2 HF folder -> a native Llama folder (tokenizer files copied)."""
+    config, weights = read_internlm2_hf(folder)
+    extra_files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    return write_llama_folder(config, weights, output, extra_files=extra_files)
+
+
+def _internlm2_config(llama: dict[str, Any], origin: dict[str, Any] | None, dtype: str) -> dict:
+    rope = llama.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_scaling = None
+    if rope_type != "default":
+        rope_scaling = {"type": rope_type, "factor": rope.get("factor")}
+    config = dict((origin or {}).get("config") or {})
+    config.update(
+        architectures=["InternLM2ForCausalLM"],
+        model_type="internlm2",
+        auto_map=config.get("auto_map", INTERNLM2_AUTO_MAP),
+        bias=False,
+        hidden_act="silu",
+        vocab_size=llama["vocab_size"],
+        hidden_size=llama["hidden_size"],
+        intermediate_size=llama["intermediate_size"],
+        num_hidden_layers=llama["num_hidden_layers"],
+        num_attention_heads=llama["num_attention_heads"],
+        num_key_value_heads=llama.get("num_key_value_heads", llama["num_attention_heads"]),
+        max_position_embeddings=llama["max_position_embeddings"],
+        rms_norm_eps=llama["rms_norm_eps"],
+        rope_theta=rope.get("rope_theta", llama.get("rope_theta", 10000.0)),
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=bool(llama.get("tie_word_embeddings", False)),
+        bos_token_id=llama.get("bos_token_id"),
+        eos_token_id=llama.get("eos_token_id"),
+        pad_token_id=llama.get("pad_token_id"),
+        torch_dtype=dtype,
     )
-    extra_files = [folder / name for name in carried if (folder / name).is_file()]
-    return write_llama_folder(config, converted, output, extra_files=extra_files)
+    return config
+
+
+def _remote_code_files(auto_map: dict[str, Any], origin: dict[str, Any] | None) -> tuple:
+    """(files to copy, auto_map to write): local InternLM2 code, else Hub references."""
+    modules = {str(target).split("--")[-1].split(".")[0] for target in auto_map.values()}
+    source = (origin or {}).get("source")
+    folder = Path(source) if source else None
+    if folder is not None and folder.is_dir():
+        files = [folder / f"{module}.py" for module in sorted(modules)]
+        if all(file.is_file() for file in files):
+            return files + sorted(folder.glob("tokenization_internlm2*.py")), auto_map
+    if source and not Path(source).expanduser().exists() and source.count("/") == 1:
+        rewritten = {
+            key: value if "--" in str(value) else f"{source}--{value}"
+            for key, value in auto_map.items()
+        }
+        return [], rewritten
+    return [], auto_map
+
+
+def export_as_internlm2(llama_folder: Path, output: Path) -> Path:
+    """A Llama HF folder (e.g. trained from InternLM2) -> the InternLM2 HF layout, atomically.
+
+    Weights: q/k/v fused into wqkv per KV group, InternLM2 names. config.json: the
+    original InternLM2 config when the Llama config remembers it, with every shape,
+    rope and token setting taken from the Llama config. Tokenizer files are copied;
+    InternLM2's remote code comes from the original folder, or is referenced on the
+    Hub (``repo--module.Class``) when the model came from a Hub id.
+    """
+    config_path = llama_folder / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{llama_folder}: no config.json")
+    llama = json.loads(config_path.read_text())
+    if llama.get("model_type") != "llama":
+        raise ConversionError(
+            f"{config_path}: model_type is {llama.get('model_type')!r}; --format internlm2 "
+            "writes Llama-shaped models only"
+        )
+    heads = int(llama["num_attention_heads"])
+    hidden = int(llama["hidden_size"])
+    for key, allowed in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+        if llama.get(key, allowed) != allowed:
+            raise ConversionError(
+                f"{config_path}: {key}={llama[key]!r} has no InternLM2 equivalent"
+            )
+    if llama.get("head_dim") not in (None, hidden // heads):
+        raise ConversionError(
+            f"{config_path}: head_dim={llama['head_dim']} != hidden_size / num_attention_heads; "
+            "InternLM2 has no such setting"
+        )
+    shape = Shape(
+        hidden,
+        int(llama["num_hidden_layers"]),
+        heads,
+        int(llama.get("num_key_value_heads", heads)),
+    )
+    weights = _read_weights(llama_folder)
+    if "lm_head.weight" not in weights:  # tied embeddings: InternLM2 always stores output
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    converted = llama_to_internlm2(weights, shape)
+    dtype = next(iter(converted.values())).dtype
+    origin = llama.get(INTERNLM2_CONFIG_KEY)
+    config = _internlm2_config(llama, origin, str(dtype).removeprefix("torch."))
+    code_files, config["auto_map"] = _remote_code_files(config["auto_map"], origin)
+    carried = [llama_folder / n for n in TOKENIZER_FILES if (llama_folder / n).is_file()]
+    source = Path((origin or {}).get("source") or llama_folder)
+    if source.is_dir():  # tokenizer files the Llama folder lacks come from the original
+        have = {file.name for file in carried}
+        carried += [source / n for n in TOKENIZER_FILES if n not in have and (source / n).is_file()]
+    with atomic_folder(output) as temporary:
+        (temporary / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(
+            {name: tensor.contiguous() for name, tensor in converted.items()},
+            str(temporary / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
+        for file in [*carried, *code_files]:
+            shutil.copy2(file, temporary / file.name)
+    return output
+
+
+def export_checkpoint_as_internlm2(checkpoint: Path, output: Path) -> Path:
+    """``evotune export --format internlm2``: the verified HF folder, then the InternLM2 layout."""
+    from ..train.checkpoint import export_hf
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as scratch:
+        llama = export_hf(checkpoint, Path(scratch) / "llama")
+        return export_as_internlm2(llama, output)

@@ -1,15 +1,14 @@
-"""InternLM2 / InternEvo weights -> Hugging Face Llama (internevo-migration.md section 2).
+"""InternLM2 / InternEvo weights <-> Hugging Face Llama (internevo-migration.md section 2).
 
 InternLM2 maps one-to-one onto Llama: the fused ``wqkv`` is grouped per KV head as
 (kv_heads, q_per_kv + 2, head_dim, hidden), so splitting it per group gives
 q_proj / k_proj / v_proj; w1 is gate, w3 up, w2 down. Checkpoints written with
 InternEvo's ``adapt_hf=False`` store every q/k head with interleaved rotary pairs;
 ``interleaved_rotary=True`` permutes each head to HF's half-split layout.
+``llama_to_internlm2`` is the exact inverse for HF InternLM2 folders.
 """
 
 from __future__ import annotations
-
-from ..errors import ConversionError
 
 import re
 from collections.abc import Mapping
@@ -17,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConversionError
+
 LAYER_KEY = re.compile(r"^(?:model\.)?(?:layers|blocks)\.(\d+)\.(.+)$")
-
-
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,70 @@ def split_wqkv(wqkv: torch.Tensor, shape: Shape) -> tuple[torch.Tensor, torch.Te
     k = grouped[:, groups].reshape(-1, shape.hidden_size)
     v = grouped[:, groups + 1].reshape(-1, shape.hidden_size)
     return q, k, v
+
+
+def fuse_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Shape) -> torch.Tensor:
+    """Inverse of ``split_wqkv``: q/k/v rows grouped per KV head into one wqkv."""
+    groups = shape.num_heads // shape.num_kv_heads
+    head_dim, hidden = shape.head_dim, shape.hidden_size
+    return torch.cat(
+        [
+            q.reshape(shape.num_kv_heads, groups, head_dim, hidden),
+            k.reshape(shape.num_kv_heads, 1, head_dim, hidden),
+            v.reshape(shape.num_kv_heads, 1, head_dim, hidden),
+        ],
+        dim=1,
+    ).reshape(-1, hidden)
+
+
+_LLAMA_TO_INTERNLM2_LAYER = {
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+}
+
+
+def llama_to_internlm2(
+    weights: Mapping[str, torch.Tensor], shape: Shape
+) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM names -> the HF InternLM2 layout (model.tok_embeddings, output, wqkv)."""
+    top = {
+        "model.embed_tokens.weight": "model.tok_embeddings.weight",
+        "model.norm.weight": "model.norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    converted: dict[str, torch.Tensor] = {}
+    projections: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in weights.items():
+        if name.endswith("inv_freq"):
+            continue
+        if name in top:
+            converted[top[name]] = tensor
+            continue
+        match = LAYER_KEY.match(name.removeprefix("model."))
+        if match is None:
+            raise ConversionError(f"unexpected tensor {name!r} for an InternLM2 layout")
+        layer, rest = int(match.group(1)), match.group(2)
+        if rest in (
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+        ):
+            projections.setdefault(layer, {})[rest.split(".")[1][0]] = tensor
+        elif rest in _LLAMA_TO_INTERNLM2_LAYER:
+            converted[f"model.layers.{layer}.{_LLAMA_TO_INTERNLM2_LAYER[rest]}"] = tensor
+        else:
+            raise ConversionError(f"{name}: InternLM2 has no place for this tensor")
+    for layer, parts in sorted(projections.items()):
+        if sorted(parts) != ["k", "q", "v"]:
+            raise ConversionError(f"layer {layer}: q_proj, k_proj and v_proj are not all present")
+        converted[f"model.layers.{layer}.attention.wqkv.weight"] = fuse_wqkv(
+            parts["q"], parts["k"], parts["v"], shape
+        )
+    return converted
 
 
 def internlm2_to_llama(
