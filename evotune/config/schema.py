@@ -33,6 +33,7 @@ LRSchedule = Literal["internevo", "xtuner", "constant"]
 WeightDecayScope = Literal["all", "no_bias_norm"]
 OnBadSample = Literal["error", "skip"]
 AttnImplementation = Literal["auto", "sdpa", "flex_attention", "eager", "flash_attention_2"]
+Engine = Literal["torch", "fsdp2", "fsdp2_offload"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -137,6 +138,11 @@ class TrainConfig:
     deepspeed: str | None = None
     """A DeepSpeed preset (deepspeed_zero1/2/3, deepspeed_zero2_offload, deepspeed_zero3_offload)
     or a JSON file; None: plain PyTorch (DDP when distributed)."""
+    engine: Engine = "torch"
+    """'torch': plain PyTorch (DDP when distributed), or DeepSpeed when deepspeed is set.
+    'fsdp2' (--fsdp): PyTorch FSDP2, parameters, gradients and AdamW state sharded over all
+    ranks, sharded checkpoints that resume on another number of processes or SP size;
+    'fsdp2_offload': the same with the sharded state in CPU memory."""
 
     # -- run -------------------------------------------------------------------
     cpu_threads: int | None = None

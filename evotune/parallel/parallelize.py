@@ -2,8 +2,8 @@
 
 ``build_engine(settings, dims)`` applies, in a fixed order: the sequence-parallel
 object for the layout, the model load (straight into ZeRO-3 partitions when
-asked), activation checkpointing, and the engine that wraps the model (DDP or
-DeepSpeed). Adding an engine means adding a branch here and a class that keeps
+asked), activation checkpointing, and the engine that wraps the model (DDP,
+DeepSpeed, or FSDP2 in fsdp_engine.py). Adding an engine means adding a branch here and a class that keeps
 the contract in engine.py; the trainer does not change.
 """
 
@@ -33,6 +33,12 @@ def build_engine(settings: TrainConfig, dims: ParallelDims) -> tuple[PreTrainedM
     sequence_parallel = (
         SequenceParallel(dims.sp_size, dims.sp_rank, dims.sp_group) if dims.sp_size > 1 else None
     )
+    if s.engine != "torch":
+        from .fsdp_engine import FSDP2Engine, prepare_fsdp
+
+        prepare_fsdp(s, dims)
+        model = _load(s, dims)
+        return model, FSDP2Engine(model, dims, s, sequence_parallel)
     if s.deepspeed is None:
         model = _load(s, dims)
         engine: Engine = TorchEngine(

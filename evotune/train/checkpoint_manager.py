@@ -98,7 +98,15 @@ class CheckpointManager:
         if problems:
             raise ConfigError(f"--resume {path}: damaged: {'; '.join(problems)}")
         saved = ckpt.read_json(path / "trainer_state.json")
-        _check_same_run(path, saved, expected)
+        elastic = bool(getattr(self.engine, "elastic", False))  # its state reshards on load
+        _check_same_run(path, saved, expected, elastic)
+        if saved.get("dp_size") != expected.get("dp_size"):
+            logger.info(
+                "resuming on data-parallel size %s (saved with %s): the engine state reshards "
+                "and the rest of the epoch is split over the new ranks",
+                expected.get("dp_size"),
+                saved.get("dp_size"),
+            )
         self.engine.load_state(path)
         restore_rng_state(torch.load(path / "rng.pt", weights_only=True))
         state = TrainState(**saved["state"])
@@ -106,16 +114,22 @@ class CheckpointManager:
         return state, saved
 
 
-def _check_same_run(path: Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
+def _check_same_run(
+    path: Path, saved: dict[str, Any], expected: dict[str, Any], elastic: bool = False
+) -> None:
+    """Refuse a checkpoint of another run; an ``elastic`` engine may change the DP size."""
     mismatch = {
         "engine": "saved by the {saved!r} engine, now {now!r}; resume with the same --deepspeed "
-        "setting (or export the HF folder and start a new run)",
+        "/ --fsdp setting (or export the HF folder and start a new run)",
         "dp_size": "saved with data-parallel size {saved}, now {now}; resume with the same number "
-        "of processes / sp size",
+        "of processes / sp size, or train with --fsdp, whose checkpoints resume on another "
+        "layout (or export the HF folder and start a new run)",
         "dataset": "the dataset or packing changed ({saved} -> {now}); resume with the original "
         "data and packing settings",
     }
     for key, now in expected.items():
+        if key == "dp_size" and elastic:
+            continue  # the engine (checked first) is the same and reshards
         if saved.get(key) != now:
             reason = mismatch[key].format(saved=saved.get(key), now=now)
             raise ConfigError(f"--resume {path}: {reason}")

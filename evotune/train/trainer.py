@@ -110,7 +110,9 @@ class Trainer:
         )
         if resume is not None:
             self.state, saved = self.checkpoints.resume(Path(resume), self._identity())
-            self.sampler.load_state_dict(saved["sampler"])
+            elastic = bool(getattr(self.engine, "elastic", False))
+            self.sampler.load_state_dict(saved["sampler"], relayout=elastic)
+            self.state.consumed_in_epoch = self.sampler.start  # 0 where re-split on a new layout
 
     # -- the loop ----------------------------------------------------------------------
 

@@ -1,0 +1,228 @@
+"""FSDP2 behind the engine seam: per-layer ``fully_shard``, DTensor parameters, DCP checkpoints.
+
+Design, and why:
+
+* **One shard group of every rank.** After a step every rank's gradient must be
+  the SUM over all ranks (engine.py): data-parallel ranks saw different packs, and
+  the ranks of a sequence-parallel group hold partial sums over slices of the
+  same packs. So parameters are sharded over the flattened ("dp", "sp") mesh
+  (torchtitan's dp_shard x cp layout) rather than HSDP over the 2-D mesh
+  (replicate over dp, shard over sp), which would shard over fewer ranks and add
+  an all-reduce. SP keeps its own mesh dimension for the attention all-to-all.
+* **Sum, not mean.** FSDP2 averages over its shard group by default; every FSDP
+  module here has divide factor 1 and plain SUM collectives (gloo has neither AVG
+  nor PREMUL_SUM), so the reduce-scatter yields the contract's sum with
+  gradient_scale 1: no scale-then-divide rounding, whatever the world size.
+* **Reduce every micro-batch.** Each backward reduce-scatters into sharded fp32
+  gradients that accumulate over the step's micro-batches, so no rank ever keeps
+  unsharded gradients (``sync`` is not needed); one reduce-scatter per micro-batch.
+* **Order.** The model is loaded with HF activation checkpointing already applied
+  (model/load.py), then ``fully_shard`` goes bottom-up: every decoder layer
+  (the classes in the model's ``_no_split_modules``), then the root, which is the
+  PackedLossModule wrapper: packed_loss calls the base model and the LM head
+  directly, so the root's own parameters (embeddings, final norm, LM head) must
+  be gathered by the wrapper's forward hook. Recomputation re-enters a layer's
+  forward inside the backward, where FSDP2's pre-backward gather already holds
+  the layer's parameters.
+* **Precision.** float32: no policy, exact. bfloat16: bf16 compute copies of the
+  parameters, fp32 sharded master weights and optimizer state, fp32 reduction.
+* **Offload** (engine 'fsdp2_offload'): sharded parameters, gradients and AdamW
+  state live in CPU memory (CPUOffloadPolicy); the optimizer steps on the CPU.
+* **Checkpoints.** ``fsdp/`` is a torch.distributed.checkpoint folder: every rank
+  writes its own shards of the model and optimizer state, and loading reshards
+  them to the current world size, which makes elastic resume possible
+  (data/sampler.py re-splits the data). The HF folder is gathered one parameter
+  at a time onto rank 0's CPU; no device ever holds more than one full parameter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..config import TrainConfig
+from ..data.collate import PackedBatch
+from ..errors import ConfigError
+from ..model.loss import PackedLoss
+from .dims import ParallelDims
+from .engine import EngineBase, PackedLossModule, optimizer_param_groups
+from .sequence import SequenceParallel
+
+CHECKPOINT_FOLDER = "fsdp"
+SHARD_MESH_NAME = "dp_sp"
+
+
+def prepare_fsdp(settings: TrainConfig, dims: ParallelDims) -> None:
+    """Refuse a second engine; give a single process a one-rank group (DTensors need a mesh)."""
+    import torch.distributed as dist
+
+    if settings.deepspeed is not None:
+        raise ConfigError(
+            f"engine={settings.engine!r} and deepspeed={settings.deepspeed!r} both choose an "
+            "engine; drop --deepspeed or --fsdp (engine='torch')"
+        )
+    if dims.mesh is not None:
+        return
+    if not dist.is_initialized():
+        from ..launch import free_port
+
+        for name, value in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+        ):
+            os.environ.setdefault(name, value)
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    dims.start_process_group()
+
+
+def shard_mesh(dims: ParallelDims) -> Any:
+    """The 1-D mesh of every rank, flattened from the ("dp", "sp") mesh."""
+    assert dims.mesh is not None, "prepare_fsdp first"
+    return dims.mesh._flatten(SHARD_MESH_NAME)
+
+
+def decoder_layers(model: PreTrainedModel) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: HF's ``_no_split_modules`` classes."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
+class FSDP2Engine(EngineBase):
+    """Fully sharded data parallel (FSDP2) over all ranks; resumable on another layout."""
+
+    name = "fsdp2"  # offload or not, the checkpoint is the same
+    elastic = True  # its checkpoints load on another number of ranks (CheckpointManager)
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        dims: ParallelDims,
+        settings: TrainConfig,
+        sequence_parallel: SequenceParallel | None = None,
+    ):
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            FSDPModule,
+            MixedPrecisionPolicy,
+            OffloadPolicy,
+            fully_shard,
+        )
+
+        super().__init__(model, dims, sequence_parallel, gradient_scale=1.0)
+        self.offload = settings.engine == "fsdp2_offload"
+        mesh = shard_mesh(dims)
+        precision = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if settings.dtype == "bfloat16"
+            else MixedPrecisionPolicy()
+        )
+        placement = (
+            CPUOffloadPolicy(pin_memory=dims.device.type == "cuda")
+            if self.offload
+            else OffloadPolicy()
+        )
+        options: dict[str, Any] = {
+            "mesh": mesh,
+            "mp_policy": precision,
+            "offload_policy": placement,
+        }
+        self.layers = decoder_layers(model)
+        for layer in self.layers:
+            fully_shard(layer, **options)
+        self.module = PackedLossModule(model, settings.loss_chunk_size, sequence_parallel)
+        fully_shard(self.module, **options)
+        for module in self.module.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
+        self.optimizer = torch.optim.AdamW(
+            optimizer_param_groups(model, settings.weight_decay, settings.weight_decay_scope),
+            lr=settings.lr,
+            betas=settings.betas,
+            eps=settings.eps,
+        )
+
+    def forward_backward(
+        self, batch: PackedBatch, weight: float, aux_weight: float, sync: bool
+    ) -> PackedLoss:
+        parts = self.module(self._local(batch))
+        self._objective(parts, weight, aux_weight).backward()
+        return self._detached(parts)
+
+    def update(self, lr: float, max_norm: float, loss_is_finite: bool) -> tuple[float, bool]:
+        """Global L2 norm over the sharded gradients, clip (eps 1e-6), step unless non-finite."""
+        from torch.distributed.tensor import DTensor
+
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm([p.grad for p in parameters], 2.0)
+        if isinstance(total, DTensor):  # partial sums of squares on each shard
+            total = total.full_tensor()
+        norm = float(total)
+        applied = loss_is_finite and math.isfinite(norm)
+        if applied:
+            torch.nn.utils.clip_grads_with_norm_(
+                parameters, max_norm if max_norm > 0 else math.inf, total
+            )
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, applied
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights on rank 0's CPU, gathered parameter by parameter; collective."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(self.model, options=options)
+        return weights if self.dims.is_main else None
+
+    def _sharded_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def save_state(self, folder: Path, weights_saved_exactly: bool) -> None:
+        """Each rank writes its shards of the fp32 weights and AdamW state (no gather)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._sharded_state(), checkpoint_id=str(folder / CHECKPOINT_FOLDER))
+
+    def load_state(self, folder: Path) -> None:
+        """Read the shards this rank needs now, whatever the world size that wrote them."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        source = folder / CHECKPOINT_FOLDER
+        if not source.is_dir():
+            raise ConfigError(
+                f"--resume {folder}: no {CHECKPOINT_FOLDER}/ folder (not saved by the fsdp2 "
+                "engine); resume with the engine that saved it"
+            )
+        state = self._sharded_state()
+        try:
+            dcp.load(state, checkpoint_id=str(source))
+        except Exception as error:
+            cause = " ".join(str(error).split())[:300]
+            raise ConfigError(
+                f"{source}: cannot be read ({type(error).__name__}: {cause}); the checkpoint is "
+                "damaged or from another model: resume from an earlier one"
+            ) from None
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
