@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="deepspeed_zero1|2|3, deepspeed_zero2_offload, deepspeed_zero3_offload or a JSON file",
     )
     train.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shortcut for --cfg-options engine=fsdp2 (PyTorch FSDP2; resumable on another layout)",
+    )
+    train.add_argument(
         "--launcher",
         choices=["none", "pytorch", "slurm"],
         default="none",
@@ -260,6 +265,8 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         overrides.append(f"seed={args.seed}")
     if args.deepspeed is not None:
         overrides.append(f"deepspeed={args.deepspeed}")
+    if args.fsdp:
+        overrides.append("engine=fsdp2")
     return run_training(
         config_path=Path(args.config),
         overrides=overrides,
