@@ -13,10 +13,15 @@ statistics over the batch, so it is not a sum over samples).
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from runner import free_port
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from evotune.data import PackedBatch
@@ -24,6 +29,7 @@ from evotune.errors import ConfigError
 from evotune.model.attention import attention_name, register_attention
 from evotune.model.families import FAMILIES, check_model
 from evotune.model.loss import packed_loss
+from evotune.parallel.sequence import SequenceParallel
 
 WINDOW = 4
 SAMPLES = [9, 3, 12, 1, 7]  # three samples longer than the window, one without a target
@@ -138,11 +144,13 @@ def evotune_copy(reference: torch.nn.Module, kernel: str = "sdpa") -> torch.nn.M
     return model
 
 
-def samples(vocab: int = 96) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def samples(
+    lengths: list[int] = SAMPLES, vocab: int = 96
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(input ids, pre-shifted labels) per sample; a masked prompt in the second sample."""
     generator = torch.Generator().manual_seed(1)
     out = []
-    for index, length in enumerate(SAMPLES):
+    for index, length in enumerate(lengths):
         ids = torch.randint(3, vocab, (length,), generator=generator)
         labels = torch.cat([ids[1:], torch.tensor([-100])])
         if index == 1:
@@ -151,8 +159,8 @@ def samples(vocab: int = 96) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def packed_row() -> PackedBatch:
-    parts = samples()
+def packed_row(lengths: list[int] = SAMPLES) -> PackedBatch:
+    parts = samples(lengths)
     ids = torch.cat([i for i, _ in parts]).unsqueeze(0)
     labels = torch.cat([label for _, label in parts]).unsqueeze(0)
     positions = torch.cat([torch.arange(len(i)) for i, _ in parts]).unsqueeze(0)
@@ -160,7 +168,7 @@ def packed_row() -> PackedBatch:
     for i, _ in parts:
         bounds.append(bounds[-1] + len(i))
     cu = torch.tensor(bounds, dtype=torch.int32)
-    return PackedBatch(ids, labels, positions, cu, max(SAMPLES), torch.zeros_like(ids), 1)
+    return PackedBatch(ids, labels, positions, cu, max(lengths), torch.zeros_like(ids), 1)
 
 
 def _hf_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -322,3 +330,50 @@ def test_unverified_family_is_refused_unless_allowed(caplog):
     with caplog.at_level(logging.WARNING, logger="evotune.model.families"):
         check_model(config, allow_unverified_model=True)
     assert "UNVERIFIED MODEL" in caplog.text
+
+
+def _sequence_parallel_worker(rank: int, world: int, port: int, output: str) -> None:
+    """One rank: the whole row vs this rank's Ulysses slice, for families with sinks and MoE."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    sp = SequenceParallel(world, rank, dist.group.WORLD)
+    results = {}
+    for model_type in ("gpt_oss", "mixtral"):
+        reference = tiny_model(model_type)
+        whole, sliced = evotune_copy(reference), evotune_copy(reference)
+        batch = packed_row([*SAMPLES, 1])  # 33 tokens: sp=2 pads one ignored token
+        trainable = batch.num_trainable
+        expected = packed_loss(whole, batch)
+        (expected.loss_sum / trainable + expected.aux_loss).backward()
+        local = packed_loss(sliced, sp.split(batch), sequence_parallel=sp)
+        (local.loss_sum / trainable + local.aux_loss).backward()
+        parts = torch.stack([local.loss_sum.detach(), local.aux_loss.detach()])
+        dist.all_reduce(parts)  # the group's sums are the row's loss sum and router term
+        worst = 0.0
+        for p, q in zip(sliced.parameters(), whole.parameters(), strict=True):
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad)
+            scale = float(q.grad.abs().max().clamp_min(1e-12))
+            worst = max(worst, float((grad - q.grad).abs().max()) / scale)
+        results[model_type] = {
+            "loss_rel": float(
+                abs(parts[0] - expected.loss_sum.detach()) / expected.loss_sum.detach()
+            ),
+            "aux_rel": float(abs(parts[1] - expected.aux_loss.detach()) / expected.aux_loss),
+            "grad_rel": worst,
+        }
+    if rank == 0:
+        with open(output, "w") as handle:
+            json.dump(results, handle)
+    dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_sequence_parallel_keeps_sinks_windows_and_router_loss_exact(tmp_path):
+    output = tmp_path / "sp.json"
+    mp.spawn(_sequence_parallel_worker, args=(2, free_port(), str(output)), nprocs=2)
+    for model_type, row in json.loads(output.read_text()).items():
+        assert row["loss_rel"] < 1e-5, (model_type, row)
+        assert row["aux_rel"] < 1e-5, (model_type, row)
+        assert row["grad_rel"] < 1e-4, (model_type, row)
