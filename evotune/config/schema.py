@@ -32,6 +32,7 @@ LossReduction = Literal["pack", "token"]
 LRSchedule = Literal["internevo", "xtuner", "constant"]
 WeightDecayScope = Literal["all", "no_bias_norm"]
 OnBadSample = Literal["error", "skip"]
+LRStepUnit = Literal["update", "micro_batch"]
 AttnImplementation = Literal["auto", "sdpa", "flex_attention", "eager", "flash_attention_2"]
 Engine = Literal["torch", "fsdp2", "fsdp2_offload"]
 
@@ -129,6 +130,12 @@ class TrainConfig:
     """InternEvo's init_steps: steps at lr 0 before the warm-up starts."""
     eta_min: float | None = None
     """Final learning rate of the cosine. None: 0.15 * lr for 'xtuner', else 0."""
+    warmup_start_factor: float = 1.0 / 40
+    """'xtuner' schedule: LR factor of the first warm-up step (mmengine LinearLR start_factor;
+    XTuner's templates use 1/40, its Mistral custom SFT 1e-5)."""
+    lr_step_unit: LRStepUnit = "update"
+    """'xtuner' schedule: advance the LR once per optimizer update, or once per micro-batch
+    as XTuner's ParamSchedulerHook does (warm-up and length then count micro-batches)."""
     max_consecutive_skipped_steps: int = 10
     """Stop after this many steps in a row with a non-finite loss or gradient norm."""
 

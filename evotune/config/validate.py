@@ -128,6 +128,10 @@ def check_consistency(source: Path, s: TrainConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             fail(key, f"must be >= 1, got {value}")
+    if not 0.0 <= s.warmup_start_factor <= 1.0:
+        fail("warmup_start_factor", f"must be in [0, 1], got {s.warmup_start_factor}")
+    if s.lr_step_unit == "micro_batch" and s.lr_schedule != "xtuner":
+        fail("lr_step_unit", "'micro_batch' is XTuner's stepping: set lr_schedule = 'xtuner'")
     if s.cpu_threads is not None and s.cpu_threads < 1:
         fail(
             "cpu_threads",

@@ -27,6 +27,7 @@ from ..data import (
 )
 from ..errors import ConfigError, DataError
 from ..parallel.dims import ParallelDims
+from .schedule import LRSchedule, xtuner_warmup_micro_batches
 from .state import DataPosition
 
 logger = logging.getLogger("evotune")
@@ -96,11 +97,7 @@ def plan_total_steps(
     settings: TrainConfig, dataset: PackedDataset, sampler: Any, dims: ParallelDims
 ) -> int:
     """total_steps when set (InternEvo), else every micro-batch of max_epochs (XTuner)."""
-
-    def micro_batches_in_epoch(epoch: int) -> int:
-        return len(sampler.rank_indices(epoch)) // settings.batch_size
-
-    if micro_batches_in_epoch(0) == 0:
+    if micro_batches_in_epoch(settings, sampler, 0) == 0:
         raise DataError(
             f"{dataset.corpus.folder}: {len(dataset)} packs of {settings.max_length} tokens give "
             f"no micro-batch of {settings.batch_size} pack(s) per rank at data-parallel size "
@@ -108,8 +105,42 @@ def plan_total_steps(
         )
     if settings.total_steps is not None:
         return settings.total_steps
-    micro_batches = sum(micro_batches_in_epoch(e) for e in range(settings.max_epochs))
-    return math.ceil(micro_batches / settings.accumulative_counts)
+    return math.ceil(micro_batches_in_run(settings, sampler) / settings.accumulative_counts)
+
+
+def micro_batches_in_epoch(settings: TrainConfig, sampler: Any, epoch: int) -> int:
+    """This rank's micro-batches in ``epoch``."""
+    return len(sampler.rank_indices(epoch)) // settings.batch_size
+
+
+def micro_batches_in_run(settings: TrainConfig, sampler: Any) -> int:
+    """This rank's micro-batches over max_epochs."""
+    return sum(micro_batches_in_epoch(settings, sampler, e) for e in range(settings.max_epochs))
+
+
+def build_schedule(settings: TrainConfig, sampler: Any, total_steps: int) -> LRSchedule:
+    """The LR closed form; an epoch-based XTuner run counts its lengths in micro-batches."""
+    s = settings
+    by_epochs = s.total_steps is None
+    warmup = xtuner_warmup_micro_batches(
+        s.warmup_ratio, s.max_epochs, micro_batches_in_epoch(s, sampler, 0)
+    )
+    try:
+        return LRSchedule(
+            s.lr_schedule,
+            s.lr,
+            total_steps,
+            s.warmup_ratio,
+            s.resolved_eta_min(),
+            s.init_steps,
+            warmup_start_factor=s.warmup_start_factor,
+            step_unit=s.lr_step_unit,
+            accumulative_counts=s.accumulative_counts,
+            warmup_micro_batches=warmup if by_epochs else None,
+            total_micro_batches=micro_batches_in_run(s, sampler) if by_epochs else None,
+        )
+    except ValueError as error:
+        raise ConfigError(f"lr_schedule: {error}") from None
 
 
 def micro_batches(

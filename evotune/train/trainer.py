@@ -35,7 +35,6 @@ from .checkpoint_manager import CheckpointManager
 from .faults import FaultInjectingEngine, Faults
 from .loss_policy import LossPolicy
 from .metrics import RunLogger
-from .schedule import LRSchedule
 from .state import DataPosition, TrainingError, TrainState
 from .stopping import Preempted, StopRequest
 
@@ -92,14 +91,7 @@ class Trainer:
         inputs.check_model_fits_data(self.model.config, self.dataset, self.tokenizer)
         inputs.check_tokenizer_provenance(self.dataset, self.tokenizer)
         self.total_steps = inputs.plan_total_steps(s, self.dataset, self.sampler, self.dims)
-        self.schedule = LRSchedule(
-            s.lr_schedule,
-            s.lr,
-            self.total_steps,
-            s.warmup_ratio,
-            s.resolved_eta_min(),
-            s.init_steps,
-        )
+        self.schedule = inputs.build_schedule(s, self.sampler, self.total_steps)
         self.loss_policy = LossPolicy(s.loss_reduction, self.dims)
         self.state = TrainState()
         faults = Faults.from_environment()
