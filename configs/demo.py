@@ -1,6 +1,7 @@
 # evotune demo: a tiny Llama (2 layers, hidden 64, 4 heads / 2 KV heads, random init)
 # trained on Python standard-library docstrings packed InternEvo-style.
-# Built by scripts/build_demo_assets.py; runs in about a minute on 2 CPU cores.
+# Built by scripts/build_demo_assets.py (demo/val: docstrings held out from training);
+# runs in about a minute on 2 CPU cores.
 import os
 
 from evotune.data import InternRepoSampler, build_packed_dataset, load_intern_repo_tokenized_dataset
@@ -37,6 +38,17 @@ loss_reduction = "pack"
 save_steps = 100
 save_total_limit = 2
 seed = 0
+
+# Validation: held-out docstrings (never trained on), every 50 steps and at the end
+val_dataset_folder = os.path.join(_demo, "val")
+eval_steps = 50
+
+# Evaluate the generation performance during the training (XTuner's EvaluateChatHook)
+evaluation_freq = 100
+evaluation_inputs = ["Explain json.dumps:\n", "Explain os.path.join:\n"]
+prompt_template = None  # the demo's data is plain prompt + answer text
+SYSTEM = ""
+max_new_tokens = 48
 
 #######################################################################
 #                      PART 2  Dataset & Dataloader                   #

@@ -167,6 +167,39 @@ class TrainConfig:
     work_dir: str | None = None
     """Output folder; --work-dir wins. None: work_dirs/CONFIG_STEM (the config file name)."""
 
+    # -- validation ------------------------------------------------------------
+    val_dataset_folder: str | None = None
+    """Folder of held-out ftdp shards, packed like the training data (train_dataset's packing
+    arguments with this folder); used when val_dataset is not set. None: no validation."""
+    val_dataset: dict[str, Any] | None = None
+    """Component: dict(type=build_packed_dataset, dataset_cfg=..., packed_length=max_length, ...)
+    evaluated in its own order, never shuffled. None: val_dataset_folder, if set."""
+    eval_steps: int | None = None
+    """Validate every this many optimizer steps, and at the end. None: at the end only."""
+    max_eval_batches: int | None = None
+    """Validate on the first this many batches (batch_size packs each) of the validation set
+    only. None: all of it."""
+
+    # -- sample generations ----------------------------------------------------
+    evaluation_inputs: Any = ()
+    """Prompts (a list of strings) answered greedily on the main rank before training, every
+    evaluation_freq steps and at the end: logged and appended to WORK_DIR/generations.jsonl."""
+    evaluation_freq: int | None = None
+    """Answer the evaluation_inputs every this many optimizer steps (XTuner's every_n_iters /
+    accumulative_counts). None: before training and at the end only."""
+    prompt_template: str | None = None
+    """XTuner prompt template that wraps each evaluation input (internlm2_chat, qwen_chat, ...).
+    None: the tokenizer's chat template, or the prompt as written when it has none."""
+    SYSTEM: str = ""
+    """System message of the evaluation inputs (XTuner's SYSTEM); '' for none."""
+    max_new_tokens: int = 64
+    """Longest answer to each evaluation input, in tokens (greedy; stops earlier at EOS)."""
+
+    # -- reporting -------------------------------------------------------------
+    report_to: Any = "auto"
+    """Where step and validation records go besides metrics.jsonl: a list of 'tensorboard'
+    (WORK_DIR/tensorboard) and 'wandb'; 'auto': TensorBoard when installed; 'none'."""
+
     def resolved_eta_min(self) -> float:
         """eta_min, or the default of the chosen lr_schedule when it is None."""
         if self.eta_min is not None:
@@ -175,7 +208,7 @@ class TrainConfig:
 
 
 SETTING_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
-COMPONENT_NAMES = ("train_dataset", "train_dataloader")
+COMPONENT_NAMES = ("train_dataset", "train_dataloader", "val_dataset")
 DATALOADER_KEYS = ("dataset", "sampler", "batch_size", "num_workers")
 
 
@@ -225,7 +258,7 @@ XTUNER_SECTIONS: dict[str, str] = {
     "llm": "pretrained_model_name_or_path",
     "tokenizer": "tokenizer_name_or_path",
     "default_hooks": "save_steps, save_total_limit, log_interval",
-    "custom_hooks": "save_steps, save_total_limit, log_interval",
+    "custom_hooks": "evaluation_inputs, evaluation_freq, prompt_template, SYSTEM, save_steps",
     "env_cfg": "seed",
     "randomness": "seed",
     "visualizer": "log_interval",

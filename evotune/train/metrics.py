@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ..parallel.dims import ParallelDims
+from .reporters import Reporters
 from .state import TrainState
 
 logger = logging.getLogger("evotune")
@@ -122,8 +123,10 @@ class RunLogger:
         log_interval: int,
         activation_checkpointing: bool,
         show_progress: bool,
+        reporters: Reporters | None = None,
     ):
         self.dims = dims
+        self.reporters = reporters or Reporters()  # TensorBoard / W&B: the same records
         self.model_config = model_config
         self.total_steps = total_steps
         self.log_interval = log_interval
@@ -195,7 +198,7 @@ class RunLogger:
         return flops / elapsed / self.peak_flops if self.peak_flops else None
 
     def log(self, record: dict[str, Any]) -> None:
-        self.jsonl.write(record)
+        self.write(record)
         self.recent_losses.append(record["loss"])
         self.progress.update(1)
         self.progress.set_postfix(
@@ -229,9 +232,15 @@ class RunLogger:
         parts += [f"peak_mem {record['peak_memory_mib']:.0f} MiB", f"eta {eta}"]
         return " | ".join(parts)
 
+    def write(self, record: dict[str, Any]) -> None:
+        """Any record (a step's, a validation's): metrics.jsonl, then the reporters."""
+        self.jsonl.write(record)
+        self.reporters.write(record)
+
     def close(self) -> None:
         self.progress.close()
         self.jsonl.close()
+        self.reporters.close()
 
 
 def _duration(seconds: float) -> str:

@@ -32,9 +32,12 @@ from ..parallel.dims import ParallelDims
 from ..parallel.parallelize import build_engine
 from . import inputs
 from .checkpoint_manager import CheckpointManager
+from .evaluation import Validation
 from .faults import FaultInjectingEngine, Faults
+from .generation import SampleGenerations
 from .loss_policy import LossPolicy
 from .metrics import RunLogger
+from .reporters import Reporters, dataset_lines, resolve_report_to
 from .state import DataPosition, TrainingError, TrainState
 from .stopping import Preempted, StopRequest
 
@@ -85,6 +88,10 @@ class Trainer:
 
         self.tokenizer = inputs.load_tokenizer(s)
         self.dataset = inputs.build_dataset(s)
+        source = str(loaded.source)  # validation, generations, reporters: checked before the model
+        self.validation = Validation.build(s, self.dims, source)
+        self.generations = SampleGenerations.build(s, self.dims, self.tokenizer, work_dir, source)
+        resolve_report_to(s.report_to, source)
         self.sampler = inputs.build_sampler(s, self.dataset, self.dims)
         self.collator = inputs.build_collator(s, self.dataset)
         self.model, self.engine = build_engine(s, self.dims)
@@ -121,9 +128,12 @@ class Trainer:
             s.log_interval,
             s.gradient_checkpointing,
             self.show_progress,
+            Reporters.build(s, self.work_dir, self.dims.is_main, self.state.step),
         )
         stream = self.micro_batches()
         try:
+            if self.state.step == 0:
+                self._watch(run_logger, last=False)  # answers of the untrained model
             while self.state.step < self.total_steps:
                 chunk = self._next_micro_batches(stream, result)
                 if not chunk:
@@ -158,10 +168,22 @@ class Trainer:
                         self.state.step,
                         result.last_checkpoint,
                     )
+                self._watch(run_logger, last)
         finally:
             run_logger.close()
             inputs.report_bad_samples(self.dataset)
         return result
+
+    def _watch(self, run_logger: RunLogger, last: bool) -> None:
+        """Validation and sample generations due after this step; collective on all ranks."""
+        step = self.state.step
+        if self.validation is not None and self.validation.due(step, last):
+            evaluated = self.validation.run(self.model, self.engine, step)
+            run_logger.write(evaluated.record(step))
+            if self.dims.is_main:
+                logger.info("%s", evaluated.line(step))
+        if self.generations is not None and self.generations.due(step, last):
+            self.generations.run(self.model, self.engine, step)
 
     def _next_micro_batches(
         self, stream: Iterator[tuple[PackedBatch, DataPosition]], result: TrainResult
@@ -267,6 +289,10 @@ class Trainer:
             described["packed_length"],
             described["pack_mode"],
         )
+        for line in dataset_lines("data", self.dataset, self.tokenizer):
+            logger.info("%s", line)
+        if self.validation is not None:
+            logger.info("%s", self.validation.describe())
         logger.info(
             "layout: world %d = dp %d x sp %d; engine %s",
             dims.world_size,
