@@ -196,7 +196,7 @@ class PackedDataset:
         else:
             labels = np.where(labels > 0, labels, IGNORE_INDEX)
         cu_seqlens = self._segment_boundaries(fragment_ends)
-        item = {
+        item: dict[str, Any] = {
             "input_ids": np.abs(tokens),
             "labels": labels,
             "position_ids": positions_from_boundaries(cu_seqlens),

@@ -160,7 +160,7 @@ def publish(temporary: Path, final: Path) -> None:
 
 def prune_checkpoints(work_dir: Path, keep: int) -> list[Path]:
     """Keep the newest ``keep`` complete checkpoints (-1 keeps all); remove stale temp folders."""
-    removed = []
+    removed: list[Path] = []
     for stale in work_dir.glob(".checkpoint-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     if keep < 0:
