@@ -170,7 +170,7 @@ def read_model_config(folder: Path) -> dict[str, Any]:
 def llama_config_for(model: dict[str, Any], weights: dict[str, torch.Tensor]) -> LlamaConfig:
     hidden = int(model["hidden_size"])
     heads = int(model["num_attention_heads"])
-    return LlamaConfig(
+    settings: dict[str, Any] = dict(
         vocab_size=int(weights["model.embed_tokens.weight"].shape[0]),
         hidden_size=hidden,
         intermediate_size=int(weights["model.layers.0.mlp.gate_proj.weight"].shape[0]),
@@ -183,6 +183,7 @@ def llama_config_for(model: dict[str, Any], weights: dict[str, torch.Tensor]) ->
         tie_word_embeddings=False,
         attention_bias=False,
     )
+    return LlamaConfig(**settings)
 
 
 def write_llama_folder(
@@ -207,7 +208,7 @@ def write_llama_folder(
                 f"{name}: shape {tuple(weights[name].shape)}, expected {tuple(shape)}"
             )
     dtype = dtype or next(iter(weights.values())).dtype
-    config.torch_dtype = dtype
+    config.dtype = dtype
     with atomic_folder(output) as temporary:
         config.save_pretrained(temporary)
         save_file(
@@ -215,8 +216,8 @@ def write_llama_folder(
             str(temporary / "model.safetensors"),
             metadata={"format": "pt"},
         )
-        for extra in extra_files:
-            shutil.copy2(extra, temporary / extra.name)
+        for carried in extra_files:
+            shutil.copy2(carried, temporary / carried.name)
     return output
 
 
@@ -307,7 +308,7 @@ def read_internlm2_hf(folder: Path, source: str | None = None) -> tuple[LlamaCon
         int(source_config.get("num_key_value_heads", heads)),
     )
     weights = internlm2_to_llama(_read_weights(folder), shape, interleaved_rotary=False)
-    config = LlamaConfig(
+    settings: dict[str, Any] = dict(
         vocab_size=int(source_config["vocab_size"]),
         hidden_size=shape.hidden_size,
         intermediate_size=int(source_config["intermediate_size"]),
@@ -323,6 +324,7 @@ def read_internlm2_hf(folder: Path, source: str | None = None) -> tuple[LlamaCon
         eos_token_id=source_config.get("eos_token_id"),
         pad_token_id=source_config.get("pad_token_id"),
     )
+    config = LlamaConfig(**settings)
     setattr(
         config,
         INTERNLM2_CONFIG_KEY,

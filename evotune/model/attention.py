@@ -278,7 +278,7 @@ class AttentionMetadata:
         return self._masks.get(window)
 
     def _segment_ids(self) -> np.ndarray:
-        lengths = np.diff(np.asarray(self.bounds, dtype=np.int64))
+        lengths = [end - start for start, end in itertools.pairwise(self.bounds)]
         return np.repeat(np.arange(len(lengths)), lengths)
 
     def _row_mask(self, window: int | None) -> torch.Tensor:
@@ -370,7 +370,7 @@ def _compiled_flex() -> Callable[..., torch.Tensor]:
 
 def flex_kernel(q, k, v, metadata: AttentionMetadata, call: AttentionCall) -> torch.Tensor:
     """FlexAttention with the row's prepared BlockMask (compiled on CUDA)."""
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     score_mod = None
     if call.softcap:
@@ -379,7 +379,10 @@ def flex_kernel(q, k, v, metadata: AttentionMetadata, call: AttentionCall) -> to
         def score_mod(score, batch, head, q_index, kv_index):
             return cap * torch.tanh(score / cap)
 
-    attend = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    attend: Callable[..., Any] = _compiled_flex() if q.device.type == "cuda" else flex_attention  # type: ignore[assignment]
+    sink_options: dict[str, Any] = {}
+    if call.sinks is not None:  # the row's log-sum-exp rescales the output for the sinks
+        sink_options = {"return_aux": AuxRequest(lse=True)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         warnings.filterwarnings("ignore", category=UserWarning, module=".*flex_attention.*")
@@ -391,13 +394,13 @@ def flex_kernel(q, k, v, metadata: AttentionMetadata, call: AttentionCall) -> to
             block_mask=metadata.mask(call.window),
             scale=call.scale,
             enable_gqa=q.shape[1] != k.shape[1],
-            return_lse=call.sinks is not None,
+            **sink_options,
         )
     if call.sinks is None:
         return result.transpose(1, 2)
-    output, lse = result
+    output, aux = result
     # a sink adds exp(sink) to each row's softmax denominator: rescale by Z / (Z + e^sink)
-    keep = torch.sigmoid(lse.float() - call.sinks.float().reshape(1, -1, 1))
+    keep = torch.sigmoid(aux.lse.float() - call.sinks.float().reshape(1, -1, 1))
     return (output * keep.unsqueeze(-1).to(output.dtype)).transpose(1, 2)
 
 
@@ -430,7 +433,7 @@ def varlen_kernel(q, k, v, metadata: AttentionMetadata, call: AttentionCall) -> 
     head_dim, value_dim = q.shape[-1], v.shape[-1]
     # flash wants one head size; MLA's smaller value heads are zero-padded, then cut
     window = (-1, 0) if call.window is None else (call.window - 1, 0)
-    output = varlen_attn(
+    output: torch.Tensor = varlen_attn(  # type: ignore[assignment]  # a tensor without return_aux
         _flat(q),
         _flat(k),
         _flat(v, head_dim),

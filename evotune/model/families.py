@@ -158,7 +158,7 @@ DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob
 
 
 def family_of(config: Any) -> Family | None:
-    return FAMILIES.get(getattr(config, "model_type", None))
+    return FAMILIES.get(str(getattr(config, "model_type", "")))
 
 
 def attention_needs(config: Any) -> AttentionNeeds:

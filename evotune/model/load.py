@@ -61,9 +61,12 @@ def read_config_json(name_or_path: str) -> dict[str, Any]:
         from transformers.utils import cached_file
 
         try:
-            config_path = Path(cached_file(name_or_path, "config.json"))
+            found = cached_file(name_or_path, "config.json")
         except (OSError, ValueError) as error:
             raise _unreachable(name_or_path, error) from None
+        if found is None:
+            raise _unreachable(name_or_path, FileNotFoundError("no config.json"))
+        config_path = Path(found)
     try:
         return json.loads(config_path.read_text())
     except (OSError, ValueError) as error:
@@ -156,14 +159,21 @@ def load_model(
     except ValueError as error:
         raise ConfigError(f"attn_implementation: {error}") from None
     logger.info("attention kernel: %s (attn_implementation=%s)", kernel, attn_implementation)
-    options = dict(dtype=dtype, attn_implementation=attention_name(kernel))
+    implementation = attention_name(kernel)
+    model: Any
     try:
         if weights is not None:
             model = LlamaForCausalLM.from_pretrained(
-                None, config=config, state_dict=weights, **options
+                None,
+                config=config,
+                state_dict=weights,
+                dtype=dtype,
+                attn_implementation=implementation,
             )
         else:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, **options)
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, config=config, dtype=dtype, attn_implementation=implementation
+            )
     except OSError as error:
         raise _unreachable(name_or_path, error) from None
     model.config.use_cache = False

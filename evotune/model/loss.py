@@ -96,11 +96,12 @@ def packed_loss(
     and with the row's attention metadata, which reaches evotune's attention
     function as one keyword.
     """
-    config = model.config
+    hf: Any = model  # a transformers PreTrainedModel
+    config = hf.config
     metadata = AttentionMetadata.for_batch(batch, kernel_of(config), attention_needs(config))
     router = router_loss_of(model)
     extra = {"output_router_logits": True} if router is not None else {}
-    base_model = getattr(model, model.base_model_prefix)
+    base_model = getattr(hf, hf.base_model_prefix)
     outputs = base_model(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
@@ -112,7 +113,7 @@ def packed_loss(
     transform = logit_transform(config)
     loss_sum = chunked_cross_entropy_sum(
         outputs.last_hidden_state[0],
-        model.get_output_embeddings(),
+        hf.get_output_embeddings(),
         batch.labels[0],
         chunk_size=chunk_size,
         logit_transform=transform,
