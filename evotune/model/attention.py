@@ -370,7 +370,7 @@ def _compiled_flex() -> Callable[..., torch.Tensor]:
 
 def flex_kernel(q, k, v, metadata: AttentionMetadata, call: AttentionCall) -> torch.Tensor:
     """FlexAttention with the row's prepared BlockMask (compiled on CUDA)."""
-    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     score_mod = None
     if call.softcap:
@@ -382,7 +382,12 @@ def flex_kernel(q, k, v, metadata: AttentionMetadata, call: AttentionCall) -> to
     attend: Callable[..., Any] = _compiled_flex() if q.device.type == "cuda" else flex_attention  # type: ignore[assignment]
     sink_options: dict[str, Any] = {}
     if call.sinks is not None:  # the row's log-sum-exp rescales the output for the sinks
-        sink_options = {"return_aux": AuxRequest(lse=True)}
+        try:
+            from torch.nn.attention.flex_attention import AuxRequest
+
+            sink_options = {"return_aux": AuxRequest(lse=True)}
+        except ImportError:  # PyTorch < 2.9
+            sink_options = {"return_lse": True}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         warnings.filterwarnings("ignore", category=UserWarning, module=".*flex_attention.*")
@@ -399,8 +404,9 @@ def flex_kernel(q, k, v, metadata: AttentionMetadata, call: AttentionCall) -> to
     if call.sinks is None:
         return result.transpose(1, 2)
     output, aux = result
+    lse = aux if isinstance(aux, torch.Tensor) else aux.lse
     # a sink adds exp(sink) to each row's softmax denominator: rescale by Z / (Z + e^sink)
-    keep = torch.sigmoid(aux.lse.float() - call.sinks.float().reshape(1, -1, 1))
+    keep = torch.sigmoid(lse.float() - call.sinks.float().reshape(1, -1, 1))
     return (output * keep.unsqueeze(-1).to(output.dtype)).transpose(1, 2)
 
 
