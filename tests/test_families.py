@@ -377,3 +377,15 @@ def test_sequence_parallel_keeps_sinks_windows_and_router_loss_exact(tmp_path):
         assert row["loss_rel"] < 1e-5, (model_type, row)
         assert row["aux_rel"] < 1e-5, (model_type, row)
         assert row["grad_rel"] < 1e-4, (model_type, row)
+
+
+def test_load_model_applies_the_family_check(tmp_path, caplog):
+    from evotune.model.load import load_model
+
+    config = AutoConfig.for_model("stablelm", **COMMON)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "stablelm")
+    with pytest.raises(ConfigError, match="'stablelm' is not verified"):
+        load_model(str(tmp_path / "stablelm"))
+    with caplog.at_level(logging.WARNING, logger="evotune.model.families"):
+        model = load_model(str(tmp_path / "stablelm"), allow_unverified_model=True)
+    assert "UNVERIFIED MODEL" in caplog.text and model.config.model_type == "stablelm"
