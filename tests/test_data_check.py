@@ -8,10 +8,20 @@ import json
 import numpy as np
 import pytest
 from ftdp_factory import random_samples, write_shard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from evotune.cli import main
+from evotune.data import check
 from evotune.data.check import check_folder
-from evotune.data.ftdp import BadSampleError, ShardReader, index_shard
+from evotune.data.ftdp import (
+    BadSampleError,
+    ShardReader,
+    TokenLineError,
+    decode_canonical_lines,
+    decode_tokens,
+    index_shard,
+)
 from evotune.errors import ConfigError, DataError
 
 VOCAB = 50
@@ -204,3 +214,79 @@ def test_cli_exit_codes_and_json(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["problem_count"] > 0 and result["shards"] == 3
     assert all(":" in line and "vocab size 10" in line for line in result["problems"])
+
+
+# -- the vectorised reader of canonical lines -----------------------------------------
+
+_NUMBERS = st.integers(-(10**8) + 1, 10**8 - 1)
+
+
+@st.composite
+def _canonical_line(draw):
+    tokens = draw(st.lists(_NUMBERS, max_size=12))
+    separator = draw(st.sampled_from([",", ", "]))
+    prefix = draw(st.sampled_from(['{"tokens":[', '{"tokens": [']))
+    return (prefix + separator.join(map(str, tokens)) + "]}").encode()
+
+
+@st.composite
+def _mutated_line(draw):
+    line = bytearray(draw(_canonical_line()))
+    for _ in range(draw(st.integers(1, 3))):
+        position = draw(st.integers(0, len(line)))
+        byte = draw(st.sampled_from(b'0123456789-, []{}":.eE+\tx'))
+        action = draw(st.sampled_from(["insert", "replace", "delete"]))
+        if action == "insert":
+            line.insert(position, byte)
+        elif position < len(line):
+            if action == "replace":
+                line[position] = byte
+            else:
+                del line[position]
+    return bytes(line)
+
+
+def _one_by_one(lines):
+    """decode_tokens per line: the reference; None if any line is refused."""
+    try:
+        return [decode_tokens(line).tolist() for line in lines]
+    except TokenLineError:
+        return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(_canonical_line(), _mutated_line()), min_size=1, max_size=6))
+def test_fast_reader_accepts_only_what_decode_tokens_reads_the_same(lines):
+    fast = decode_canonical_lines(b"\n".join(lines) + b"\n")
+    if fast is None:
+        return  # the caller falls back to decode_tokens line by line
+    reference = _one_by_one(lines)
+    assert reference is not None, lines
+    ids, counts = fast
+    assert counts.tolist() == [len(tokens) for tokens in reference]
+    assert ids.tolist() == [token for tokens in reference for token in tokens]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_canonical_line(), min_size=1, max_size=6))
+def test_fast_reader_reads_every_canonical_line(lines):
+    fast = decode_canonical_lines(b"\n".join(lines) + b"\n")
+    assert fast is not None, lines
+    assert fast[0].tolist() == [t for tokens in _one_by_one(lines) for t in tokens]
+
+
+def test_canonical_corpus_is_checked_without_per_line_parsing(tmp_path, monkeypatch):
+    samples = _clean_corpus(tmp_path)
+    bad = samples["en/b.bin"]
+    bad[7] = [*bad[7], VOCAB + 2]
+    write_shard(tmp_path / "en" / "b.bin", bad)
+
+    def refuse(line):
+        raise AssertionError(f"read line by line: {line[:40]!r}")
+
+    monkeypatch.setattr(check, "decode_tokens", refuse)
+    report = check_folder(tmp_path, VOCAB, unit_bytes=500)
+    assert _messages(report) == [
+        f"{tmp_path}/en/b.bin:8: token id {VOCAB + 2} >= the model's vocab size {VOCAB}; "
+        "the data was tokenized for another model"
+    ]

@@ -169,8 +169,8 @@ class PackedDataset:
         fragment_ends = []
         bad_samples: list[BadSampleRecord] = []
         cursor = 0
-        for position in range(first, last + 1):
-            sample = self._read(plan.shard, int(plan.stream_order[position]), bad_samples)
+        samples = self._read_samples(plan.shard, plan.stream_order[first : last + 1], bad_samples)
+        for position, sample in zip(range(first, last + 1), samples, strict=True):
             sample_end = int(plan.stream_ends[position])
             sample_start = sample_end - len(sample)
             low = max(start, sample_start) - sample_start
@@ -206,6 +206,15 @@ class PackedDataset:
         if self.on_bad_sample == "skip":
             item["bad_samples"] = tuple(bad_samples)
         return item
+
+    def _read_samples(
+        self, shard: ShardIndex, sample_indices: np.ndarray, bad_samples: list[BadSampleRecord]
+    ) -> list[np.ndarray]:
+        together = self._reader.read_many(shard, sample_indices, self.vocab_size)
+        if together is not None:
+            return together
+        # some line needs a closer look: one by one, with read's exact errors
+        return [self._read(shard, int(index), bad_samples) for index in sample_indices]
 
     def _read(
         self, shard: ShardIndex, sample_index: int, bad_samples: list[BadSampleRecord]
