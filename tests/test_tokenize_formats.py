@@ -313,7 +313,7 @@ def test_provenance_check(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"plain\.bin: tokenized with .* vocabulary sha256"):
         check_provenance(tmp_path / "data", other)
     other.add_tokens(["<extra>"])
-    with pytest.raises(DataError, match="2048 tokens.* has 2049 tokens"):
+    with pytest.raises(DataError, match=r"2048 tokens.* has 2049 tokens"):
         check_provenance(tmp_path / "data", other)
     # InternEvo's own data: no sidecar, a warning, no error
     shutil.copytree(tmp_path / "data", tmp_path / "bare")
