@@ -256,10 +256,6 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from . import launch
     from .train.run import run_training
 
-    if args.launcher == "slurm":
-        launch.apply_slurm_environment()
-    elif launch.wants_relaunch():
-        return launch.relaunch(argv)
     overrides = list(args.cfg_options)
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
@@ -267,6 +263,11 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         overrides.append(f"deepspeed={args.deepspeed}")
     if args.fsdp:
         overrides.append("engine=fsdp2")
+    if args.launcher == "slurm":
+        launch.apply_slurm_environment()
+    elif launch.wants_relaunch():
+        launch.preflight(Path(args.config), overrides)  # a mistake costs a second, not N ranks
+        return launch.relaunch(argv)
     return run_training(
         config_path=Path(args.config),
         overrides=overrides,
@@ -389,7 +390,6 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _data_check(args: argparse.Namespace) -> int:
     import json
 
@@ -409,6 +409,7 @@ def _data_check(args: argparse.Namespace) -> int:
             print(f"note: {note}")
         print(report.summary())
     return EXIT_USER_ERROR if report.problem_count else 0
+
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
