@@ -28,6 +28,7 @@ import torch
 from ..config import LoadedConfig, TrainConfig
 from ..data import PackedBatch
 from ..errors import DataError
+from ..model.load import check_model_source
 from ..parallel.dims import ParallelDims
 from ..parallel.parallelize import build_engine
 from . import inputs
@@ -86,6 +87,7 @@ class Trainer:
         self.show_progress = show_progress
         _seed_everything(s.seed)
 
+        check_model_source(s.pretrained_model_name_or_path)  # the root cause comes first
         self.tokenizer = inputs.load_tokenizer(s)
         self.dataset = inputs.build_dataset(s)
         source = str(loaded.source)  # validation, generations, reporters: checked before the model
