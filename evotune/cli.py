@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="slurm: one process per srun task; otherwise torchrun via NPROC_PER_NODE/NNODES",
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a work dir that holds an earlier run's checkpoints (deletes them)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
     export = commands.add_parser(
@@ -273,6 +278,7 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         overrides=overrides,
         work_dir=args.work_dir,
         resume=args.resume,
+        overwrite=args.overwrite,
         show_progress=(not args.no_progress and sys.stderr.isatty())
         or os.environ.get("EVOTUNE_PROGRESS") == "1",
     )
