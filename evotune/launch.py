@@ -80,7 +80,7 @@ def _count(environ: Mapping[str, str], name: str) -> int:
 
 
 def preflight(
-    config: str | os.PathLike[str],
+    config: str | Path,
     overrides: Sequence[str],
     environ: Mapping[str, str] = os.environ,
 ) -> None:

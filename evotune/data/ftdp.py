@@ -446,7 +446,10 @@ class ShardReader:
         return tokens
 
     def read_many(
-        self, shard: ShardIndex, samples: Sequence[int], vocab_size: int | None = None
+        self,
+        shard: ShardIndex,
+        samples: Sequence[int] | np.ndarray,
+        vocab_size: int | None = None,
     ) -> list[np.ndarray] | None:
         """``read`` for several samples in one vectorised pass; None if any needs ``read``.
 
