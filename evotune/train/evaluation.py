@@ -209,7 +209,7 @@ def evaluation_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 @contextlib.contextmanager
 def gathered_root(engine: Any) -> Iterator[None]:
-    """Under FSDP2, gather the wrapper's own parameters (embeddings, norm, LM head).
+    """Under FSDP2, gather the wrapper's own parameters (embeddings, norm, LM head); collective.
 
     evotune calls the base model and the LM head below the wrapper, whose forward
     hook would otherwise gather them; decoder layers gather their own in their hooks.
@@ -221,6 +221,9 @@ def gathered_root(engine: Any) -> Iterator[None]:
     if not isinstance(root, FSDPModule):
         yield
         return
+    # FSDP2 makes the first module that runs forward its root; before the first training
+    # step (answers of the untrained model) the decoder layers would run first
+    root._get_fsdp_state()._lazy_init()
     root.unshard()
     try:
         yield
