@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -54,6 +54,7 @@ from .errors import ConfigError
 logger = logging.getLogger("evotune")
 
 ERROR_DIR_VARIABLE = "EVOTUNE_ERROR_DIR"
+LAUNCHER_PID_VARIABLE = "EVOTUNE_LAUNCHER_PID"  # torchrun's process stops when this one dies
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SHUTDOWN_TIMEOUT_VARIABLE = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"  # torchrun's grace before SIGKILL
 DEFAULT_SHUTDOWN_TIMEOUT_S = 120  # time to finish a step and save one checkpoint
@@ -193,12 +194,8 @@ class TorchrunSupervisor:
             signal.signal(number, self._on_signal)
         try:
             _become_subreaper()
-            self.process = subprocess.Popen(
-                self.command,
-                env=self.environ,
-                start_new_session=True,
-                preexec_fn=_stop_with_parent(),
-            )
+            environ = dict(self.environ, **{LAUNCHER_PID_VARIABLE: str(os.getpid())})
+            self.process = subprocess.Popen(self.command, env=environ, start_new_session=True)
             if self.stopped_by is not None:  # a signal came while torchrun was starting
                 self._forward(self.stopped_by)
             return self._wait()
@@ -285,19 +282,14 @@ def _become_subreaper() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def _stop_with_parent() -> Callable[[], None] | None:
-    """For Popen's preexec_fn: SIGTERM the child when the launcher dies (Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
-    parent = os.getpid()
-
-    def set_death_signal() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the launcher died before the call above
-            os._exit(1)
-
-    return set_death_signal
+def _stop_with_launcher() -> None:
+    """In torchrun's process: SIGTERM when the launcher dies (Linux PR_SET_PDEATHSIG)."""
+    launcher = os.environ.get(LAUNCHER_PID_VARIABLE)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != int(launcher):  # it died before the call above
+        sys.exit(128 + signal.SIGTERM)
 
 
 def _process_table() -> dict[int, list[int]]:
@@ -372,10 +364,11 @@ def first_host(nodelist: str) -> str:
 
 
 def run_torchrun() -> None:
-    """torchrun's main; stopped by a signal it exits 128 + signal without a traceback.
-
-    The launcher prints the one line that says what happened.
+    """torchrun's main, as the launcher runs it: it stops when the launcher dies, and a
+    signal ends it with 128 + the signal's number, without a traceback (the launcher
+    prints the one line that says what happened).
     """
+    _stop_with_launcher()
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main
 
