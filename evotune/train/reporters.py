@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -130,7 +131,7 @@ class WandbReporter:
         import wandb
 
         id_file = work_dir / WANDB_RUN_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(
             id=run_id,
