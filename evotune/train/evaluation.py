@@ -29,7 +29,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,6 +187,35 @@ def add_type_sums(
     types = type_ids.reshape(-1)[trainable]
     sums[:, 0].index_add_(0, types, losses.reshape(-1)[trainable].double())
     sums[:, 1].index_add_(0, types, torch.ones_like(types, dtype=torch.float64))
+
+
+class TypeLosses:
+    """Loss sums and trainable tokens per data type, kept on the device until reduced.
+
+    ``add`` bins one row's per-token losses by type id (no host sync); ``flat`` is
+    the one host copy, to be summed over every rank (each rank holds its own rows,
+    or its own slice of a sequence-parallel row); ``means`` turns the summed values
+    into each type's mean token loss and token count.
+    """
+
+    def __init__(self, type_names: Sequence[str], device: torch.device):
+        self.names = tuple(type_names)
+        self.sums = torch.zeros((len(self.names), 2), dtype=torch.float64, device=device)
+
+    def add(self, losses: torch.Tensor, labels: torch.Tensor, type_ids: torch.Tensor) -> None:
+        add_type_sums(self.sums, losses, labels, type_ids)
+
+    def flat(self) -> list[float]:
+        return self.sums.flatten().tolist()
+
+    def means(self, summed: Sequence[float]) -> dict[str, tuple[float, int]]:
+        """Type name -> (mean token loss, tokens) for the types that had trainable tokens."""
+        pairs = zip(summed[0::2], summed[1::2], strict=True)
+        return {
+            name: (loss / count, int(count))
+            for name, (loss, count) in zip(self.names, pairs, strict=True)
+            if count > 0
+        }
 
 
 # -- the model in eval mode, then exactly as it was -------------------------------------
@@ -349,8 +378,7 @@ class Validation:
         self.dataset.vocab_size = model.config.vocab_size  # ids are checked as packs are read
         dims = self.dims
         device = dims.device
-        names = self.dataset.corpus.type_names
-        sums = torch.zeros((len(names), 2), dtype=torch.float64, device=device)
+        sums = TypeLosses(self.dataset.corpus.type_names, device)
         mine = self.rows[dims.dp_rank :: dims.dp_size]
         turns = -(-len(self.rows) // dims.dp_size)  # every rank runs as many forwards
         sequence_parallel = getattr(engine, "sequence_parallel", None)
@@ -366,21 +394,14 @@ class Validation:
                 with compute_context(engine, device):
                     losses = token_losses(model, batch, self.chunk_size, sequence_parallel)
                 if counted:
-                    add_type_sums(sums, losses, batch.labels, batch.type_ids)
-        totals = dims.all_reduce_sum(sums.flatten().tolist())
-        per_type = [(totals[2 * t], int(totals[2 * t + 1])) for t in range(len(names))]
-        loss_sum = sum(loss for loss, _ in per_type)
-        tokens = sum(count for _, count in per_type)
-        by_type = {
-            name: (loss / count, count)
-            for name, (loss, count) in zip(names, per_type, strict=True)
-            if count > 0
-        }
+                    sums.add(losses, batch.labels, batch.type_ids)
+        totals = dims.all_reduce_sum(sums.flat())
+        loss_sum, tokens = sum(totals[0::2]), int(sum(totals[1::2]))
         self.last_step = step
         return EvalResult(
             loss=loss_sum / tokens if tokens else math.nan,
             tokens=tokens,
-            by_type=by_type,
+            by_type=sums.means(totals),
             rows=len(self.rows),
             seconds=time.perf_counter() - started,
         )
