@@ -205,6 +205,18 @@ class TypeLosses:
     def add(self, losses: torch.Tensor, labels: torch.Tensor, type_ids: torch.Tensor) -> None:
         add_type_sums(self.sums, losses, labels, type_ids)
 
+    def add_row(
+        self, losses: torch.Tensor, batch: PackedBatch, sequence_parallel: Any = None
+    ) -> None:
+        """Per-token losses of this rank's part of ``batch``: its slice under SP."""
+        local = batch if sequence_parallel is None else sequence_parallel.split(batch)
+        device = self.sums.device
+        self.add(
+            losses,
+            local.labels.to(device, non_blocking=True),
+            local.type_ids.to(device, non_blocking=True),
+        )
+
     def flat(self) -> list[float]:
         return self.sums.flatten().tolist()
 
