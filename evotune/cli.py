@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="slurm: one process per srun task; otherwise torchrun via NPROC_PER_NODE/NNODES",
     )
     train.add_argument(
+        "--allow-unverified-model",
+        action="store_true",
+        help="train a model type evotune has not verified (shortcut for "
+        "--cfg-options allow_unverified_model=True)",
+    )
+    train.add_argument(
         "--overwrite",
         action="store_true",
         help="start over in a work dir that holds an earlier run's checkpoints (deletes them)",
@@ -70,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--step", type=int, help="with a WORK_DIR: the checkpoint of this step")
     export.add_argument("-o", "--output", required=True, help="new folder for the HF model")
+    export.add_argument(
+        "--format",
+        choices=["llama", "internlm2"],
+        default="llama",
+        help="llama: the HF folder as trained; internlm2: InternLM2's layout (fused wqkv, "
+        "its config.json and remote code) for a model trained from an InternLM2 folder",
+    )
 
     plot = commands.add_parser("plot", help="loss, LR, grad norm, tokens/s of work dirs -> PNG")
     plot.add_argument("work_dirs", nargs="+", metavar="WORK_DIR", help="one curve set per run")
@@ -266,6 +279,8 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         overrides.append(f"seed={args.seed}")
     if args.deepspeed is not None:
         overrides.append(f"deepspeed={args.deepspeed}")
+    if args.allow_unverified_model:
+        overrides.append("allow_unverified_model=True")
     if args.fsdp:
         overrides.append("engine=fsdp2")
     if args.launcher == "slurm":
@@ -328,7 +343,12 @@ def _export(args: argparse.Namespace) -> int:
     from .train.checkpoint import export_hf, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.checkpoint, args.step)
-    output = export_hf(checkpoint, Path(args.output))
+    if args.format == "internlm2":
+        from .convert.checkpoints import export_checkpoint_as_internlm2
+
+        output = export_checkpoint_as_internlm2(checkpoint, Path(args.output))
+    else:
+        output = export_hf(checkpoint, Path(args.output))
     print(f"exported {checkpoint} -> {output}")
     return 0
 

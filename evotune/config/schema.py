@@ -33,7 +33,9 @@ LRSchedule = Literal["internevo", "xtuner", "constant"]
 WeightDecayScope = Literal["all", "no_bias_norm"]
 OnBadSample = Literal["error", "skip"]
 LRStepUnit = Literal["update", "micro_batch"]
-AttnImplementation = Literal["auto", "sdpa", "flex_attention", "eager", "flash_attention_2"]
+AttnImplementation = Literal[
+    "auto", "sdpa", "flex_attention", "eager", "varlen", "flash_attention_2"
+]
 Engine = Literal["torch", "fsdp2", "fsdp2_offload"]
 
 
@@ -62,7 +64,13 @@ class TrainConfig:
     """Training precision. 'bfloat16' computes in bf16 and keeps fp32 master weights;
     checkpoints are written in this dtype."""
     attn_implementation: AttnImplementation = "auto"
-    """Varlen attention kernel. 'auto': flash-attn on CUDA when installed, else SDPA."""
+    """Varlen attention kernel. 'auto': torch's varlen flash-attention on CUDA (bf16, PyTorch
+    >= 2.10), else flash-attn when installed, else SDPA; SDPA on CPU. Kernels that cannot do
+    what the model's attention needs (softcap, sinks) are skipped or refused."""
+    allow_unverified_model: bool = False
+    """Train a model type that evotune.model.families has not verified (packed loss and
+    gradients against the model's own forward), with a warning. Features no kernel does
+    exactly are refused either way."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward (non-reentrant) to save memory."""
 

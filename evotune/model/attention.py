@@ -46,7 +46,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-KERNELS = ("sdpa", "eager", "flex_attention", "varlen", "flash_attention_2")
+from ..config.schema import ATTN_IMPLEMENTATIONS
+
+KERNELS = tuple(name for name in ATTN_IMPLEMENTATIONS if name != "auto")
 NAME_PREFIX = "evotune_"
 
 

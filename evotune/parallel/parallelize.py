@@ -70,6 +70,8 @@ def _load(s: TrainConfig, dims: ParallelDims) -> PreTrainedModel:
         s.attn_implementation,
         dims.device,
         s.gradient_checkpointing,
+        allow_unverified_model=s.allow_unverified_model,
+        compute_dtype=TORCH_DTYPES[s.dtype],
     )
     config = model.config
     check_heads(

@@ -45,9 +45,10 @@ class LossPolicy:
         """Weights for this rank's micro-batches, given their whole-row trainable counts."""
         count = len(trainable)
         dp = self.dims.dp_size
-        # auxiliary losses are per-row means, averaged like 'pack' over rows; an SP group's
-        # ranks each hold one slice's auxiliary loss, so they share the row's weight
-        aux = 1.0 / (count * self.dims.world_size)
+        # auxiliary (router) losses are per-row terms averaged over the step's rows, as the
+        # HF Trainer averages over accumulation and data parallelism; under SP each rank
+        # returns its 1/sp share of the row's term (evotune.model.families), so they add up
+        aux = 1.0 / (count * dp)
         if self.reduction == "pack":
             return StepWeights([1.0 / (max(n, 1) * count * dp) for n in trainable], aux)
         _, (step_trainable,) = self.dims.sum_step([], [float(sum(trainable))])
