@@ -192,3 +192,23 @@ def test_single_process_deepspeed(setup, tmp_path):
     result = run_train(config, tmp_path / "work", "--deepspeed", "deepspeed_zero2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(records(tmp_path / "work")) == 2
+
+
+def test_skipped_bad_samples_are_reported_per_file(setup, tmp_path):
+    _, model, data, _, _ = setup
+    broken = tmp_path / "data"
+    shutil.copytree(data, broken)
+    write_shard(broken / "en" / "zz" / "bad.bin", [[5, 7, 100_000, 9] * 40] * 4)
+    config = write_config(
+        tmp_path / "skip.py",
+        model,
+        broken,
+        total_steps=None,
+        max_epochs=1,
+        on_bad_sample="skip",
+        num_workers=1,  # the counts travel from the worker with each batch
+    )
+    result = run_train(config, tmp_path / "work")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bad sample(s) trained as ignored tokens in" in result.stderr
+    assert "bad.bin" in result.stderr

@@ -29,6 +29,9 @@ class PackedBatch:
     num_packs: int
     # cu_seqlens as Python ints, read on the host once so no kernel syncs with the device
     segment_bounds: tuple[int, ...] | None = None
+    # (path, line, reason) of samples trained as ignored tokens (on_bad_sample='skip'):
+    # read in DataLoader workers, counted by the trainer in the main process
+    bad_samples: tuple[tuple[str, int, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.segment_bounds is None and self.cu_seqlens.device.type == "cpu":
@@ -55,6 +58,7 @@ class PackedBatch:
             type_ids=self.type_ids.to(device, non_blocking=True),
             num_packs=self.num_packs,
             segment_bounds=self.segment_bounds,
+            bad_samples=self.bad_samples,
         )
 
 
@@ -94,4 +98,5 @@ class PackCollator:
             type_ids=row("type_ids"),
             num_packs=len(items),
             segment_bounds=tuple(int(b) for b in cu_seqlens),
+            bad_samples=tuple(r for item in items for r in item.get("bad_samples", ())),
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from ..errors import ConfigError, DataError
 from ..parallel.dims import ParallelDims
 from .schedule import LRSchedule, xtuner_warmup_micro_batches
 from .state import DataPosition
+from .stopping import STOP_SIGNALS
 
 logger = logging.getLogger("evotune")
 
@@ -162,6 +164,7 @@ def micro_batches(
             num_workers=settings.num_workers,
             drop_last=True,
             persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals if settings.num_workers else None,
         )
         for batch in loader:
             consumed += settings.batch_size
@@ -185,6 +188,13 @@ def report_bad_samples(dataset: PackedDataset) -> None:
         logger.warning(
             "on_bad_sample='skip': %d bad sample(s) trained as ignored tokens in %s", count, path
         )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A stop signal is the training process's to handle: a worker killed by it would end
+    the rank before it can save."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
 
 
 def check_model_fits_data(

@@ -27,7 +27,7 @@ import torch
 
 from ..config import LoadedConfig, TrainConfig
 from ..data import PackedBatch
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..model.load import check_model_source
 from ..parallel.dims import ParallelDims
 from ..parallel.parallelize import build_engine
@@ -114,6 +114,12 @@ class Trainer:
             elastic = bool(getattr(self.engine, "elastic", False))
             self.sampler.load_state_dict(saved["sampler"], relayout=elastic)
             self.state.consumed_in_epoch = self.sampler.start  # 0 where re-split on a new layout
+            if elastic and s.total_steps is None and saved.get("total_steps") != self.total_steps:
+                raise ConfigError(
+                    f"--resume {resume}: max_epochs makes {saved.get('total_steps')} steps at the "
+                    f"saved global batch but {self.total_steps} at dp x accumulative_counts x "
+                    "batch_size now; keep that product, or set total_steps"
+                )
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -195,6 +201,9 @@ class Trainer:
             chunk, failure = list(itertools.islice(stream, self.settings.accumulative_counts)), None
         except DataError as error:
             chunk, failure = [], _one_line(error)
+        for batch, _ in chunk:
+            if batch.bad_samples:
+                self.dataset.note_bad_samples(batch.bad_samples)
         failure = self.dims.first_failure(failure)
         if failure is not None:
             if self.state.step > 0:  # the weights are those of the last finished step
