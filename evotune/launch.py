@@ -1,4 +1,4 @@
-"""Launching many processes the way XTuner does (training.md section 6).
+"""Launching many processes the way XTuner does (docs/training.md#launch).
 
 * ``evotune train CONFIG`` with NPROC_PER_NODE > 1 or NNODES > 1 re-runs itself
   under torchrun (NNODES, NODE_RANK, NPROC_PER_NODE, ADDR, PORT) and returns

@@ -13,7 +13,7 @@ from evotune.convert.internevo_config import convert_internevo_config
 from evotune.convert.internlm2 import ConversionError
 from evotune.train.trainer import Trainer
 
-# Modelled on InternEvo's configs/7B_sft.py (keys from internevo-migration.md).
+# Modelled on InternEvo's configs/7B_sft.py (keys in docs/migration-internevo.md).
 INTERNEVO_7B_SFT = """
 JOB_NAME = "7b_train"
 DO_ALERT = False

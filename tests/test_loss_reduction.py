@@ -1,4 +1,4 @@
-"""The step objective against a hand computation (training.md section 1)."""
+"""The step objective against a hand computation (docs/training.md#loss)."""
 
 from __future__ import annotations
 

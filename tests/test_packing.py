@@ -1,4 +1,4 @@
-"""Packing against data.md section 3: the worked example, the three modes, invariants, bad samples."""
+"""Packing against docs/packing.md: the worked example, the three modes, invariants, bad samples."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def test_data_order_file(tmp_path):
 
 
 def _reference_internevo(samples, seed, packed, limit):
-    """A direct, loop-based transcription of data.md 3a (one file)."""
+    """A direct, loop-based transcription of docs/packing.md#mode-internevo (one file)."""
     perm = np.random.RandomState(seed).permutation(len(samples))
     stream, labels, sample_edges = [], [], []
     for k in perm:

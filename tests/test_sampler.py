@@ -1,4 +1,4 @@
-"""Pack orders (data.md section 4), exact resume, SP groups, dataset_weights (section 6)."""
+"""Pack orders, exact resume, SP groups, dataset_weights (docs/sampling.md)."""
 
 from __future__ import annotations
 

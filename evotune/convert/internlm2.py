@@ -1,4 +1,4 @@
-"""InternLM2 / InternEvo weights <-> Hugging Face Llama (internevo-migration.md section 2).
+"""InternLM2 / InternEvo weights <-> HF Llama (docs/migration-internevo.md).
 
 InternLM2 maps one-to-one onto Llama: the fused ``wqkv`` is grouped per KV head as
 (kv_heads, q_per_kv + 2, head_dim, hidden), so splitting it per group gives

@@ -826,7 +826,7 @@ def _map_packed(state: _Conversion, dataset: dict[str, Any], tokenized: Path) ->
         if cfg.get("data_order_path") is None:
             state.notes.append(
                 "file order: XTuner walks directories in filesystem order; evotune sorts the "
-                "whole relative path (data.md 2). Pass data_order_path to pin an order"
+                "whole relative path (docs/data-format.md). Pass data_order_path to pin an order"
             )
     elif kind == "load_intern_repo_untokenized_dataset":
         m.mapped(

@@ -186,7 +186,7 @@ def load_intern_repo_tokenized_dataset(
     file_type: str = ".bin",
     min_length_dict: Mapping[str, int] | None = None,
 ) -> TokenizedCorpus:
-    """Discover and index the shards of an ftdp folder (data.md sections 1 and 2)."""
+    """Discover and index the shards of an ftdp folder (docs/data-format.md)."""
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found; check dataset_folder / folder=")
@@ -220,7 +220,7 @@ def load_intern_repo_tokenized_dataset(
 
 
 def discover_shards(root: Path, file_type: str = ".bin") -> list[str]:
-    """Relative '/'-joined shard paths in Python string order (data.md section 2)."""
+    """Relative '/'-joined shard paths in string order (docs/data-format.md#default-order)."""
     found = []
     for directory, _, files in os.walk(root, followlinks=True):
         for name in files:
@@ -351,7 +351,7 @@ def _check_meta_against_file(
 ) -> None:
     """Cheap startup checks (O(1) reads): the meta fits the file and ends on its last line.
 
-    Full per-line checks happen as lines are read; ``evotune data inspect --verify``
+    Full per-line checks happen as lines are read; ``evotune data check``
     reads every line.
     """
     if len(offsets) == 0:

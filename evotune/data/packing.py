@@ -1,4 +1,4 @@
-"""Online packing of ftdp shards into fixed-length rows (data.md section 3).
+"""Online packing of ftdp shards into fixed-length rows (docs/packing.md).
 
 Every shard is packed on its own: its kept samples are permuted with
 ``RandomState(seed)``, concatenated into one stream and cut into packs of
@@ -61,7 +61,7 @@ class ShardPlan:
 
 
 class PackedDataset:
-    """Packs of an ftdp corpus; item i is a dict of int64 numpy arrays (data.md 3a-3c).
+    """Packs of an ftdp corpus; item i is a dict of int64 numpy arrays (docs/packing.md).
 
     Keys: input_ids, labels (shifted), position_ids, type_ids (length packed_length)
     and cu_seqlens (segment boundaries from 0 to packed_length); with

@@ -1,4 +1,4 @@
-"""Pack orders: InternEvo's StaticBatchSampler and XTuner's samplers (data.md 4-6).
+"""Pack orders: InternEvo's StaticBatchSampler and XTuner's samplers (docs/sampling.md).
 
 A sampler yields the pack indices one data-parallel rank consumes, in order.
 All ranks of one sequence-parallel group share a DP rank and so get the same
@@ -62,7 +62,7 @@ class Subset:
 def mixture_subsets(
     dataset: PackedDataset, dataset_weights: Mapping[str, float] | None
 ) -> list[Subset]:
-    """Group packs by their longest matching dataset_weights key (data.md section 6)."""
+    """Group packs by their longest matching key (docs/sampling.md#dataset_weights)."""
     weights = dict(dataset_weights or {})
     for key, weight in weights.items():
         if weight < 0 or not math.isfinite(weight):

@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism that stays exact with packed varlen rows (training.md 5).
+"""Ulysses sequence parallelism, exact with packed rows (docs/training.md#sequence-parallelism).
 
 Each rank of a sequence-parallel group keeps one contiguous 1/sp slice of the
 row. Labels are already shifted per position, so no target is lost at a slice

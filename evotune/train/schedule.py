@@ -1,4 +1,4 @@
-"""Learning-rate schedules as closed forms (training.md section 3).
+"""Learning-rate schedules as closed forms (docs/training.md#learning-rate).
 
 ``k`` counts successful optimizer updates from 0; skipped (non-finite) steps do
 not advance it.
