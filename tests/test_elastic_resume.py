@@ -339,3 +339,17 @@ def test_two_to_one_to_two_processes(setup, straight, torn):
     assert Counter(part1 + part2 + part3) == Counter(uninterrupted)
     assert len(part1 + part2 + part3) == 2 * len(_by_step(again))
     assert sorted(part1 + part2) == sorted(uninterrupted[: 4 * SAVE_STEPS])
+
+
+@pytest.mark.integration
+def test_a_changed_global_batch_with_max_epochs_is_refused(setup, torn):
+    """max_epochs sizes the run by the global batch: a new one would change the run length."""
+    root, configs, _dataset = setup
+    work = root / "halved"
+    _copy_until(torn, work, SAVE_STEPS)
+    result = run_train(
+        configs[1], work, "--fsdp", "--resume", "auto", "--cfg-options", "accumulative_counts=1"
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "max_epochs makes 21 steps at the saved global batch but 43" in last
