@@ -194,15 +194,23 @@ def test_eval_steps_without_a_validation_set_is_refused(assets, tmp_path):
 
 
 @pytest.mark.integration
-def test_missing_val_folder_exits_2_with_one_line(assets, tmp_path):
-    _root, model_path, train, _val = assets
-    config = write_config(
-        tmp_path / "c.py", model_path, train, val_dataset_folder=str(tmp_path / "nope")
-    )
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"val_dataset_folder": "nope"}, "val_dataset_folder: "),
+        ({"eval_steps": 0}, "eval_steps: must be >= 1"),
+    ],
+)
+def test_bad_validation_input_exits_2_with_one_line(assets, tmp_path, settings, message):
+    _root, model_path, train, val = assets
+    values = {"val_dataset_folder": str(val), **settings}
+    if values["val_dataset_folder"] == "nope":
+        values["val_dataset_folder"] = str(tmp_path / "nope")
+    config = write_config(tmp_path / "c.py", model_path, train, **values)
     result = run_train(config, tmp_path / "w")
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("evotune: error: val_dataset_folder:") and "nope" in last
+    assert last.startswith("evotune: error: ") and message in last
 
 
 LAYOUTS = {
