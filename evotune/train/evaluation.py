@@ -182,11 +182,16 @@ def token_losses(
 def add_type_sums(
     sums: torch.Tensor, losses: torch.Tensor, labels: torch.Tensor, type_ids: torch.Tensor
 ) -> None:
-    """sums[t] += (loss sum, trainable tokens) of the positions of type t (in place, float64)."""
-    trainable = (labels.reshape(-1) != IGNORE_INDEX) & (type_ids.reshape(-1) >= 0)
-    types = type_ids.reshape(-1)[trainable]
-    sums[:, 0].index_add_(0, types, losses.reshape(-1)[trainable].double())
-    sums[:, 1].index_add_(0, types, torch.ones_like(types, dtype=torch.float64))
+    """sums[t] += (loss sum, trainable tokens) of the positions of type t (in place, float64).
+
+    No boolean indexing (its size would be read back from the device): positions
+    without a target, or sequence-parallel padding (type -1), add zeros.
+    """
+    types = type_ids.reshape(-1)
+    trainable = ((labels.reshape(-1) != IGNORE_INDEX) & (types >= 0)).double()
+    types = types.clamp(min=0)
+    sums[:, 0].index_add_(0, types, losses.reshape(-1).double() * trainable)
+    sums[:, 1].index_add_(0, types, trainable)
 
 
 class TypeLosses:
