@@ -19,6 +19,25 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: int = 600, **kwargs
+) -> subprocess.CompletedProcess:
+    """``evotune ARGS`` in a fresh interpreter, from the repository root unless told."""
+    return subprocess.run(
+        [sys.executable, "-m", "evotune.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO_ROOT,
+        timeout=timeout,
+        # one intra-op thread: pytest-xdist already runs two workers on the CI's two cores
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        **kwargs,
+    )
+
+
 def run_train(
     config: Path,
     work_dir: Path,

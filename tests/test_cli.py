@@ -3,40 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from runner import run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def evotune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "evotune.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd or ROOT,
-        timeout=600,
-        # one intra-op thread: pytest-xdist already runs two workers on the CI's two cores
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-
-
 def test_help():
-    assert evotune("--help").returncode == 0
-    result = evotune("train", "--help")
+    assert run_cli("--help").returncode == 0
+    result = run_cli("train", "--help")
     assert result.returncode == 0 and "--cfg-options" in result.stdout
 
 
 @pytest.mark.integration
 def test_demo_trains_and_exports(tmp_path):
     work = tmp_path / "demo"
-    result = evotune("train", "configs/demo.py", "--work-dir", str(work))
+    result = run_cli("train", "configs/demo.py", "--work-dir", str(work))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (work / "metrics.jsonl").read_text().splitlines()
     records = [r for r in map(json.loads, lines) if r.get("kind") != "eval"]
@@ -62,7 +48,7 @@ def test_demo_trains_and_exports(tmp_path):
 def test_config_error_is_one_line_and_exit_2(tmp_path):
     config = tmp_path / "bad.py"
     config.write_text("pretrained_model_name_or_path = 'x'\nlearning_rate = 1e-4\n")
-    result = evotune("train", str(config), "--work-dir", str(tmp_path / "w"))
+    result = run_cli("train", str(config), "--work-dir", str(tmp_path / "w"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown setting 'learning_rate'" in lines[0]
@@ -70,7 +56,7 @@ def test_config_error_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.integration
 def test_missing_model_folder(tmp_path):
-    result = evotune(
+    result = run_cli(
         "train",
         "configs/demo.py",
         "--work-dir",
@@ -92,7 +78,7 @@ def test_missing_model_folder(tmp_path):
 )
 def test_data_and_model_mismatch_errors(tmp_path, override, message):
     # the demo config builds train_dataset from dataset_folder and max_length
-    result = evotune(
+    result = run_cli(
         "train",
         "configs/demo.py",
         "--work-dir",
@@ -117,7 +103,7 @@ def test_tokenizer_larger_than_embeddings(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.add_tokens([f"<extra_{i}>" for i in range(10)])
     tokenizer.save_pretrained(tokenizer_dir)
-    result = evotune(
+    result = run_cli(
         "train",
         "configs/demo.py",
         "--work-dir",

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from runner import losses, run_train
+from runner import losses, run_cli, run_train
 
 from evotune.config import SETTING_NAMES
 from evotune.convert.xtuner_config import convert_xtuner_config, read_xtuner_config
@@ -585,22 +582,10 @@ def test_not_an_xtuner_config(tmp_path):
         convert_xtuner_config(tmp_path / "broken.py", tmp_path / "out.py")
 
 
-def _cli(*args, cwd=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "evotune.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=cwd,
-    )
-
-
 @pytest.mark.integration
 def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     (tmp_path / "plain.py").write_text("x = 1\n")
-    result = _cli(
+    result = run_cli(
         "convert", "xtuner-config", str(tmp_path / "plain.py"), "-o", str(tmp_path / "o.py")
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1
@@ -608,7 +593,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     (tmp_path / "poly.py").write_text(
         xtuner_config(VARIANTS[0]).replace("type=CosineAnnealingLR,", "type='PolyLR',")
     )
-    result = _cli(
+    result = run_cli(
         "convert", "xtuner-config", str(tmp_path / "poly.py"), "-o", str(tmp_path / "o.py")
     )
     assert result.returncode == 2 and "unknown scheduler type" in result.stderr
@@ -661,7 +646,7 @@ def test_json_config_tokenizes_with_the_printed_command_and_trains(tmp_path):
     variant = dataclasses.replace(VARIANTS[6], model=str(DEMO_MODEL))
     _, output, report = _convert(tmp_path, variant, dataset_path=str(data))
     command = shlex.split(_tokenize_command(report))
-    tokenize = _cli(*command[1:])
+    tokenize = run_cli(*command[1:])
     assert tokenize.returncode == 0, tokenize.stderr
     assert "40 samples" in tokenize.stdout
     result = run_train(output, tmp_path / "work", *_TRAIN_OPTIONS)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from ftdp_factory import write_shard
+from runner import run_cli
 from transformers import AutoTokenizer
 
 from evotune.data import load_intern_repo_tokenized_dataset
@@ -19,16 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_TOKENIZER = ROOT / "demo" / "model"
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "evotune.cli", *args], capture_output=True, text=True, timeout=300
-    )
-
-
+@pytest.mark.integration
 def test_order_tool_round_trip(tmp_path):
     for relative in ["en/x.bin", "en/a/y.bin", "cn/z.bin"]:
         write_shard(tmp_path / "data" / relative, [[1, 2, 3]])
-    result = _cli("data", "order", str(tmp_path / "data"), "-o", str(tmp_path / "order.txt"))
+    result = run_cli("data", "order", str(tmp_path / "data"), "-o", str(tmp_path / "order.txt"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "order.txt").read_text().split() == ["cn/z.bin", "en/a/y.bin", "en/x.bin"]
     corpus = load_intern_repo_tokenized_dataset(
@@ -37,6 +31,7 @@ def test_order_tool_round_trip(tmp_path):
     assert [s.relative_path for s in corpus.shards] == ["cn/z.bin", "en/a/y.bin", "en/x.bin"]
 
 
+@pytest.mark.integration
 def test_inspect_counts(tmp_path):
     write_shard(tmp_path / "en" / "wiki" / "a.bin", [[1, 2, 3, 4], [-5, 6]])
     write_shard(tmp_path / "cn" / "b.bin", [[-1, -2, 3, 4, 5, 6, 7]])
@@ -47,7 +42,7 @@ def test_inspect_counts(tmp_path):
     # targets: every positive token that is not a sample's first
     assert total["trainable_share"] == pytest.approx((3 + 1 + 5) / 13)
     assert report["groups"]["subset en/wiki"]["length_p100"] == 4
-    result = _cli(
+    result = run_cli(
         "data",
         "inspect",
         str(tmp_path),
@@ -127,7 +122,7 @@ def test_tokenize_with_chat_template(tmp_path, raw_inputs):
 def test_tokenize_bad_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"prompt": 3}\n')
-    result = _cli(
+    result = run_cli(
         "data",
         "tokenize",
         str(bad),

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
+from runner import run_cli
 from tiny import save_tiny_llama
 
 from evotune.errors import ConfigError
@@ -139,32 +138,22 @@ def test_export_without_manifest_warns(tmp_path, caplog):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "evotune.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-
-
 @pytest.mark.integration
 def test_cli_export_by_unpadded_name_and_step(tmp_path):
     work = tmp_path / "work"
     for step in (40, 82):
         _checkpoint(work, step, real_model=True)
-    result = _cli("export", str(work / "checkpoint-82"), "-o", str(tmp_path / "a"))
+    result = run_cli("export", str(work / "checkpoint-82"), "-o", str(tmp_path / "a"))
     assert result.returncode == 0, result.stderr
     assert f"exported {work / 'checkpoint-0000082'} -> {tmp_path / 'a'}" in result.stdout
-    result = _cli("export", str(work), "--step", "40", "-o", str(tmp_path / "b"))
+    result = run_cli("export", str(work), "--step", "40", "-o", str(tmp_path / "b"))
     assert result.returncode == 0, result.stderr
-    missing = _cli("export", str(work / "checkpoint-83"), "-o", str(tmp_path / "c"))
+    missing = run_cli("export", str(work / "checkpoint-83"), "-o", str(tmp_path / "c"))
     assert missing.returncode == 2
     [line] = missing.stderr.strip().splitlines()
     assert "no checkpoint of step 83" in line and "checkpoint-0000082" in line
     weights = work / "checkpoint-0000082" / "hf" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
-    broken = _cli("export", str(work / "checkpoint-82"), "-o", str(tmp_path / "d"))
+    broken = run_cli("export", str(work / "checkpoint-82"), "-o", str(tmp_path / "d"))
     assert broken.returncode == 2
     assert str(weights) in broken.stderr and "truncated" in broken.stderr

@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from runner import run_cli
 from transformers import AutoTokenizer
 
 from evotune.data import load_intern_repo_tokenized_dataset
@@ -356,30 +355,19 @@ def test_bad_options_are_one_line_errors(tmp_path):
     assert "internlm2_chat" in PROMPT_TEMPLATES and "llama3_chat" in PROMPT_TEMPLATES
 
 
-def _cli(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "evotune.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-
-
 @pytest.mark.integration
 def test_cli_warns_about_untrained_roles_and_bad_tokenizer(tmp_path):
     source = tmp_path / "sharegpt.jsonl"
     messages = [{"role": "human", "content": "hi"}, {"role": "gpt", "content": "hello"}]
     source.write_text(json.dumps({"messages": messages}) + "\n")
-    result = _cli(
+    result = run_cli(
         "data", "tokenize", str(source), "-o", str(tmp_path / "out"), "--tokenizer", str(DEMO)
     )
     assert result.returncode == 0, result.stderr
     assert "zero trainable tokens" in result.stderr
     assert "roles gpt, human are never trained" in result.stderr
     assert "--trained-roles" in result.stderr
-    result = _cli(
+    result = run_cli(
         "data",
         "tokenize",
         str(source),
@@ -391,7 +379,7 @@ def test_cli_warns_about_untrained_roles_and_bad_tokenizer(tmp_path):
         "gpt",
     )
     assert result.returncode == 2 and "pass --overwrite" in result.stderr
-    result = _cli(
+    result = run_cli(
         "data",
         "tokenize",
         str(source),
@@ -402,7 +390,7 @@ def test_cli_warns_about_untrained_roles_and_bad_tokenizer(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
-    result = _cli(
+    result = run_cli(
         "data",
         "tokenize",
         str(source),
