@@ -14,11 +14,11 @@ from __future__ import annotations
 import ast
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .internlm2 import ConversionError
+from .key_report import KeyReport
 
 _SECTION_KEYS = {
     "data",
@@ -32,43 +32,6 @@ _SECTION_KEYS = {
     "grad_scaler",
     "ckpt",
 }
-
-
-@dataclass
-class Mapping:
-    """What became of each InternEvo key."""
-
-    rows: list[tuple[str, str, str, str]] = field(default_factory=list)
-    approximations: list[str] = field(default_factory=list)
-    unreadable: list[str] = field(default_factory=list)
-
-    def mapped(self, key: str, value: Any, setting: str, note: str = "") -> None:
-        self.rows.append((key, _short(value), setting, note))
-
-    def ignored(self, key: str, value: Any, reason: str) -> None:
-        self.rows.append((key, _short(value), "(ignored)", reason))
-
-    def approximate(self, key: str, value: Any, reason: str) -> None:
-        self.rows.append((key, _short(value), "(NOT REPRODUCED)", reason))
-        self.approximations.append(f"{key}={_short(value)} ({reason})")
-
-    def table(self) -> str:
-        widths = [max(len(row[i]) for row in [*self.rows, _HEADER]) for i in range(3)]
-        lines = []
-        for row in [_HEADER, *self.rows]:
-            cells = [row[i].ljust(widths[i]) for i in range(3)]
-            lines.append("  ".join(cells) + ("  " + row[3] if row[3] else ""))
-        for failure in self.unreadable:
-            lines.append(f"could not read: {failure}")
-        return "\n".join(lines)
-
-
-_HEADER = ("InternEvo key", "value", "evotune setting", "note")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 48 else text[:45] + "..."
 
 
 def read_internevo_config(
@@ -135,7 +98,7 @@ def convert_internevo_config(
     if not source.is_file():
         raise ConversionError(f"{source}: InternEvo config not found")
     entries, failures = read_internevo_config(source, internevo_root)
-    mapping = Mapping(unreadable=failures)
+    mapping = KeyReport("InternEvo", unreadable=failures)
     settings: dict[str, Any] = {}
     comments: list[str] = []
 
@@ -396,7 +359,7 @@ def _render(
     source: Path,
     settings: dict[str, Any],
     comments: list[str],
-    mapping: Mapping,
+    mapping: KeyReport,
     min_length: int,
     min_length_dict: Any,
     seq_len: int,

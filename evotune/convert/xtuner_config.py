@@ -33,6 +33,7 @@ from typing import Any
 
 from ..errors import ConversionError
 from ..train.schedule import XTUNER_START_FACTOR
+from .key_report import KeyReport
 
 INF = int(1e9)  # mmengine's "no end"
 
@@ -327,43 +328,6 @@ def read_xtuner_config(path: Path) -> XTunerFile:
 # the table
 
 
-@dataclass
-class Mapping:
-    """What became of each XTuner key."""
-
-    rows: list[tuple[str, str, str, str]] = field(default_factory=list)
-    approximations: list[str] = field(default_factory=list)
-    unreadable: list[str] = field(default_factory=list)
-
-    def mapped(self, key: str, value: Any, setting: str, note: str = "") -> None:
-        self.rows.append((key, _short(value), setting, note))
-
-    def ignored(self, key: str, value: Any, reason: str) -> None:
-        self.rows.append((key, _short(value), "(ignored)", reason))
-
-    def approximate(self, key: str, value: Any, reason: str) -> None:
-        self.rows.append((key, _short(value), "(NOT REPRODUCED)", reason))
-        self.approximations.append(f"{key}={_short(value)} ({reason})")
-
-    def table(self) -> str:
-        widths = [max(len(row[i]) for row in [*self.rows, _HEADER]) for i in range(3)]
-        lines = []
-        for row in [_HEADER, *self.rows]:
-            cells = [row[i].ljust(widths[i]) for i in range(3)]
-            lines.append("  ".join(cells) + ("  " + row[3] if row[3] else ""))
-        for failure in self.unreadable:
-            lines.append(f"could not read: {failure}")
-        return "\n".join(lines)
-
-
-_HEADER = ("XTuner key", "value", "evotune setting", "note")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 48 else text[:45] + "..."
-
-
 def _type_name(value: Any) -> str:
     """The name a ``type=`` names: a symbol's last component or a registry string."""
     if isinstance(value, Symbol):
@@ -455,7 +419,7 @@ class _Conversion:
 
     source: Path
     output: Path
-    mapping: Mapping
+    mapping: KeyReport
     settings: dict[str, tuple[Any, str]] = field(default_factory=dict)
     dataset_cfg: dict[str, Any] = field(default_factory=dict)
     packing_seed: int = 1024
@@ -493,7 +457,7 @@ def convert_xtuner_config(
                 f"{source}: {required} is missing or unreadable"
                 + (f" (could not read: {failures[0]})" if failures else "")
             )
-    state = _Conversion(source, output, Mapping(unreadable=failures))
+    state = _Conversion(source, output, KeyReport("XTuner", unreadable=failures))
     tokenized = tokenized_dir or output.resolve().parent / f"{output.stem}_tokenized"
     _map_model(state, namespace)
     _map_optimizer(state, namespace)
