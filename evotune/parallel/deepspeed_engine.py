@@ -167,16 +167,26 @@ class DeepSpeedEngine(EngineBase):
         return norm, self.engine.was_step_applied()
 
     def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full weights on the main rank (gathered under ZeRO-3); collective on every rank."""
+        """Full weights on the main rank's CPU; collective on every rank.
+
+        Under ZeRO-3 one parameter is gathered at a time and copied to the main rank's
+        host memory, so no device ever holds the whole model at once.
+        """
         if self.stage < 3:
             return self.model.state_dict() if self.dims.is_main else None
         import deepspeed
 
-        parameters = list(self.model.parameters())
-        with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None):
-            if self.dims.is_main:
-                return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        return None
+        weights: dict[str, torch.Tensor] = {}
+        for name, parameter in self.model.named_parameters():
+            with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
+                if self.dims.is_main:
+                    weights[name] = parameter.detach().to("cpu", copy=True)
+        if not self.dims.is_main:
+            return None
+        for name, buffer in self.model.named_buffers():
+            weights.setdefault(name, buffer.detach().to("cpu", copy=True))
+        persistent = self.model.state_dict(keep_vars=True).keys()
+        return {name: tensor for name, tensor in weights.items() if name in persistent}
 
     def save_state(self, folder: Path, weights_saved_exactly: bool) -> None:
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)

@@ -28,7 +28,9 @@ class TrainState:
     step: int = 0  # optimizer steps taken, skipped ones included
     updates: int = 0  # successful updates: drives the LR schedule
     epoch: int = 0
-    consumed_in_epoch: int = 0  # packs this DP rank consumed in the current epoch
+    # packs this DP rank consumed since the epoch's start (or its re-split point, after an
+    # elastic resume on another layout)
+    consumed_in_epoch: int = 0
     tokens_seen: int = 0
     skipped_steps: int = 0
     consecutive_skips: int = 0
