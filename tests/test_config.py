@@ -252,13 +252,14 @@ def test_error_in_base_names_base_line(tmp_path):
 def test_helpers_read_by_the_file_are_not_settings(tmp_path):
     path = write(
         tmp_path / "cfg.py",
-        "min_length = 50\nprompt_template = 'internlm2_chat'\nSYSTEM = ''\n"
+        "min_length = 50\ndata_path = 'x.json'\ndataloader_num_workers = 0\n"
         "train_dataset = dict(type=dict, min_length=min_length)\n"
-        "_notes = dict(template=prompt_template, system=SYSTEM)\n",
+        "_notes = dict(path=data_path, workers=dataloader_num_workers)\n",
     )
     loaded = load_config(path)
     assert loaded.settings.train_dataset["min_length"] == 50
-    assert "\nmin_length =" not in loaded.render() and "\nSYSTEM" not in loaded.render()
+    rendered = loaded.render()
+    assert "\nmin_length =" not in rendered and "\ndata_path" not in rendered
 
 
 def test_all_unknown_names_reported_at_once(tmp_path):
