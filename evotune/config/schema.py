@@ -37,6 +37,8 @@ AttnImplementation = Literal[
     "auto", "sdpa", "flex_attention", "eager", "varlen", "flash_attention_2"
 ]
 Engine = Literal["torch", "fsdp2", "fsdp2_offload"]
+MixedPrecision = Literal["bf16_params", "autocast"]
+ReduceDType = Literal["float32", "bfloat16"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -61,8 +63,16 @@ class TrainConfig:
     tokenizer_name_or_path: str | None = None
     """Tokenizer saved with checkpoints; None: the model's own folder (weights only if absent)."""
     dtype: DType = "float32"
-    """Training precision. 'bfloat16' computes in bf16 and keeps fp32 master weights;
-    checkpoints are written in this dtype."""
+    """Training precision. 'bfloat16' computes in bf16 and keeps fp32 master weights and
+    AdamW state (see mixed_precision); the loss is fp32 either way. Checkpoints' HF folders
+    are written in this dtype (the fp32 masters beside them, for an exact resume)."""
+    mixed_precision: MixedPrecision = "bf16_params"
+    """How dtype='bfloat16' trains with the torch engine: 'bf16_params': bf16 parameters and
+    activations, fp32 master weights and gradient accumulation (as DeepSpeed and FSDP2 do);
+    'autocast': fp32 parameters under torch.autocast (fp32 residual stream, slower)."""
+    reduce_dtype: ReduceDType = "float32"
+    """Dtype of the gradient all-reduce across processes (torch engine, DDP): 'float32' sums
+    bf16 gradients in fp32; 'bfloat16' halves the traffic and rounds each rank's gradient."""
     attn_implementation: AttnImplementation = "auto"
     """Varlen attention kernel. 'auto': torch's varlen flash-attention on CUDA (bf16, PyTorch
     >= 2.10), else flash-attn when installed, else SDPA; SDPA on CPU. Kernels that cannot do

@@ -137,6 +137,19 @@ def check_consistency(source: Path, s: TrainConfig) -> None:
             "cpu_threads",
             f"must be >= 1 (or None to use the cores this process may use), got {s.cpu_threads}",
         )
+    if s.mixed_precision != "bf16_params" and s.dtype != "bfloat16":
+        fail("mixed_precision", f"{s.mixed_precision!r} applies to dtype='bfloat16' only")
+    other_engine = s.deepspeed is not None or s.engine != "torch"
+    if s.mixed_precision == "autocast" and other_engine:
+        fail(
+            "mixed_precision", "'autocast' is the torch engine's; DeepSpeed/FSDP2 keep bf16 params"
+        )
+    if s.reduce_dtype != "float32" and other_engine:
+        fail(
+            "reduce_dtype",
+            "set for the torch engine only: FSDP2 reduces in fp32, DeepSpeed reads "
+            "communication_data_type from its JSON",
+        )
     if s.total_steps is not None and s.total_steps < 1:
         fail("total_steps", f"must be >= 1 (or None to use max_epochs), got {s.total_steps}")
     if s.lr <= 0:

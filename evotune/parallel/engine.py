@@ -13,8 +13,8 @@ by the world size; a single process scales by 1. The trainer never sees world,
 data-parallel or sequence-parallel sizes: the loss policy chooses the weights
 (evotune.train.loss_policy) and the engine makes them mean the same everywhere.
 
-* TorchEngine: one process, or DistributedDataParallel over all ranks; fp32
-  master weights, bfloat16 under autocast.
+* TorchEngine: one process, or DistributedDataParallel over all ranks; fp32, or
+  bf16 parameters with fp32 master weights and AdamW state, or bf16 autocast.
 * DeepSpeedEngine (deepspeed_engine.py): ZeRO 1/2/3.
 Both are built by evotune.parallel.parallelize.build_engine.
 """
@@ -140,7 +140,24 @@ class EngineBase:
 
 
 class TorchEngine(EngineBase):
-    """Single process or DDP; fp32 master weights and optimizer, optional bf16 autocast."""
+    """Single process or DDP: fp32, or bf16 parameters with fp32 master weights, or autocast.
+
+    Precision (``param_dtype`` / ``autocast_dtype``):
+
+    * fp32: parameters, gradients and AdamW state in fp32; DDP reduces at the step's
+      last micro-batch (``no_sync`` before it).
+    * bf16 parameters (``param_dtype=bfloat16``): the model's parameters and
+      activations are bf16; the engine keeps fp32 master copies that AdamW (fp32
+      state) updates, then copies back rounded. After every micro-batch's backward
+      its bf16 gradients are added into the masters' fp32 gradients, so
+      accumulation over micro-batches is fp32; under DDP each micro-batch is
+      reduced (in ``reduce_dtype``) before that, because the bf16 gradients are
+      released once accumulated. Buffers (RoPE's inv_freq) stay fp32.
+    * autocast (``autocast_dtype=bfloat16``): fp32 parameters, bf16 matmuls.
+
+    ``reduce_dtype`` is the dtype of DDP's all-reduce: bf16 gradients summed in
+    fp32, or fp32 gradients compressed to bf16; the same dtype reduces as is.
+    """
 
     name = "torch"
 
@@ -157,9 +174,26 @@ class TorchEngine(EngineBase):
         autocast_dtype: torch.dtype | None,
         chunk_size: int,
         sequence_parallel: SequenceParallel | None = None,
+        param_dtype: torch.dtype = torch.float32,
+        reduce_dtype: torch.dtype = torch.float32,
     ):
         super().__init__(model, dims, sequence_parallel, gradient_scale=float(dims.world_size))
+        if autocast_dtype is not None and param_dtype != torch.float32:
+            raise ValueError("choose bf16 parameters or autocast, not both")
         self.autocast_dtype = autocast_dtype
+        groups = optimizer_param_groups(model, weight_decay, weight_decay_scope)
+        # bf16 parameters: AdamW steps fp32 masters that take over the fp32 storage
+        self.masters: list[nn.Parameter] | None = None
+        self.master_params: list[nn.Parameter] = []
+        if param_dtype != torch.float32:
+            master_of: dict[int, nn.Parameter] = {}
+            for group in groups:
+                for parameter in group["params"]:
+                    master_of[id(parameter)] = nn.Parameter(parameter.detach().float())
+                    self.master_params.append(parameter)
+                    parameter.data = parameter.detach().to(param_dtype)
+                group["params"] = [master_of[id(parameter)] for parameter in group["params"]]
+            self.masters = [master_of[id(parameter)] for parameter in self.master_params]
         self.module: nn.Module = PackedLossModule(model, chunk_size, sequence_parallel)
         if dims.is_distributed:
             self.module = nn.parallel.DistributedDataParallel(
@@ -167,8 +201,9 @@ class TorchEngine(EngineBase):
                 device_ids=[dims.device.index] if dims.device.type == "cuda" else None,
                 broadcast_buffers=False,
             )
+            _register_reduce_dtype(self.module, param_dtype, reduce_dtype)
         self.optimizer = torch.optim.AdamW(
-            optimizer_param_groups(model, weight_decay, weight_decay_scope),
+            groups,
             lr=lr,
             betas=betas,
             eps=eps,
@@ -188,13 +223,31 @@ class TorchEngine(EngineBase):
     def forward_backward(
         self, batch: PackedBatch, weight: float, aux_weight: float, sync: bool
     ) -> PackedLoss:
-        with self._sync_context(sync):
+        # bf16 parameters: every micro-batch is reduced, then accumulated in fp32
+        with self._sync_context(sync or self.masters is not None):
             with self._autocast():
                 parts = self.module(self._local(batch))
             self._objective(parts, weight, aux_weight).backward()
+        if self.masters is not None:
+            self._accumulate_into_masters()
         return self._detached(parts)
 
+    @torch.no_grad()
+    def _accumulate_into_masters(self) -> None:
+        assert self.masters is not None
+        for master, parameter in zip(self.masters, self.master_params, strict=True):
+            if parameter.grad is None:
+                continue
+            if master.grad is None:
+                master.grad = parameter.grad.float()
+            else:
+                master.grad.add_(parameter.grad)
+            parameter.grad = None
+
     def parameters(self) -> Iterator[nn.Parameter]:
+        """What the optimizer updates: the fp32 masters, or the model's own parameters."""
+        if self.masters is not None:
+            return iter(self.masters)
         return (p for p in self.model.parameters() if p.requires_grad)
 
     def update(self, lr: float, max_norm: float, loss_is_finite: bool) -> tuple[float, bool]:
@@ -209,37 +262,102 @@ class TorchEngine(EngineBase):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
+            self._copy_masters_to_model()
         self.optimizer.zero_grad(set_to_none=True)
         return norm, applied
+
+    @torch.no_grad()
+    def _copy_masters_to_model(self) -> None:
+        if self.masters is not None:
+            torch._foreach_copy_(tuple(self.master_params), tuple(self.masters))
 
     def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
         return self.model.state_dict() if self.dims.is_main else None
 
+    def _weights_to_save(self) -> dict[str, torch.Tensor]:
+        """The model's state with fp32 masters in place of bf16 parameters; tied names once."""
+        master_by_tensor = {}
+        if self.masters is not None:
+            master_by_tensor = {
+                id(parameter): master
+                for parameter, master in zip(self.master_params, self.masters, strict=True)
+            }
+        weights: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            if id(tensor) in seen:  # a tied alias (lm_head.weight = embed_tokens.weight)
+                continue
+            seen.add(id(tensor))
+            weights[name] = master_by_tensor.get(id(tensor), tensor).detach().contiguous()
+        return weights
+
     def save_state(self, folder: Path, weights_saved_exactly: bool) -> None:
         if not self.dims.is_main:
             return
-        if not weights_saved_exactly:
-            master = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-            save_file(master, str(folder / "master_weights.safetensors"))
+        # bf16 parameters: the HF folder holds rounded copies, never the fp32 masters
+        if not weights_saved_exactly or self.masters is not None:
+            save_file(self._weights_to_save(), str(folder / "master_weights.safetensors"))
         torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
 
     def load_state(self, folder: Path) -> None:
         master = folder / "master_weights.safetensors"
         weights_file = master if master.exists() else folder / "hf" / "model.safetensors"
         weights = _load_named(weights_file, lambda path: load_file(str(path)))
-        missing, unexpected = self.model.load_state_dict(
-            {k: v.to(torch.float32) for k, v in weights.items()}, strict=False
-        )
+        # load_state_dict copies into each tensor in its own dtype
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
         tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
         if unexpected or set(missing) - tied:
             raise ConfigError(
                 f"{weights_file}: weights do not match the model (missing {missing[:3]}, "
                 f"unexpected {unexpected[:3]}); resume with the model the run started from"
             )
+        if self.masters is not None:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            with torch.no_grad():
+                for parameter, master_weight in zip(self.master_params, self.masters, strict=True):
+                    master_weight.copy_(weights[names[id(parameter)]].to(torch.float32))
+            self._copy_masters_to_model()
         state = _load_named(
             folder / "optimizer.pt", lambda path: torch.load(path, weights_only=True)
         )
         self.optimizer.load_state_dict(state)
+
+
+def _register_reduce_dtype(
+    ddp: nn.parallel.DistributedDataParallel, param_dtype: torch.dtype, reduce_dtype: torch.dtype
+) -> None:
+    """DDP's all-reduce in ``reduce_dtype`` (the default hook reduces in the gradients' dtype)."""
+    if reduce_dtype == param_dtype:
+        return
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    if reduce_dtype == torch.bfloat16:
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    elif reduce_dtype == torch.float32:
+        ddp.register_comm_hook(None, _fp32_allreduce_hook)
+    else:
+        raise ValueError(f"reduce_dtype {reduce_dtype} is not supported")
+
+
+def _fp32_allreduce_hook(process_group, bucket):
+    """Average a bf16 gradient bucket in fp32: sum in fp32, divide, round once.
+
+    Unannotated: DDP rejects a hook whose annotations are not the GradBucket and
+    Future classes themselves, and this module's annotations are strings.
+    """
+    import torch.distributed as dist
+
+    group = process_group if process_group is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    wide = buffer.to(torch.float32)
+    future = dist.all_reduce(wide, group=group, async_op=True).get_future()
+    world = dist.get_world_size(group)
+
+    def back(done: torch.futures.Future[Any]) -> torch.Tensor:
+        buffer.copy_(done.value()[0].div_(world))
+        return buffer
+
+    return future.then(back)
 
 
 def _load_named(path: Path, load: Any) -> Any:

@@ -40,7 +40,8 @@ def build_engine(settings: TrainConfig, dims: ParallelDims) -> tuple[PreTrainedM
         model = _load(s, dims)
         return model, FSDP2Engine(model, dims, s, sequence_parallel)
     if s.deepspeed is None:
-        model = _load(s, dims)
+        model = _load(s, dims)  # fp32: the engine turns it into bf16 params + fp32 masters
+        autocast = s.dtype != "float32" and s.mixed_precision == "autocast"
         engine: Engine = TorchEngine(
             model,
             dims,
@@ -49,9 +50,11 @@ def build_engine(settings: TrainConfig, dims: ParallelDims) -> tuple[PreTrainedM
             eps=s.eps,
             weight_decay=s.weight_decay,
             weight_decay_scope=s.weight_decay_scope,
-            autocast_dtype=None if s.dtype == "float32" else TORCH_DTYPES[s.dtype],
+            autocast_dtype=TORCH_DTYPES[s.dtype] if autocast else None,
             chunk_size=s.loss_chunk_size,
             sequence_parallel=sequence_parallel,
+            param_dtype=torch.float32 if autocast else TORCH_DTYPES[s.dtype],
+            reduce_dtype=TORCH_DTYPES[s.reduce_dtype],
         )
         return model, engine
 
