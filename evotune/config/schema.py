@@ -39,6 +39,7 @@ AttnImplementation = Literal[
 Engine = Literal["torch", "fsdp2", "fsdp2_offload"]
 MixedPrecision = Literal["bf16_params", "autocast"]
 ReduceDType = Literal["float32", "bfloat16"]
+CheckpointPolicy = Literal["full", "save_matmuls"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -83,6 +84,16 @@ class TrainConfig:
     exactly are refused either way."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward (non-reentrant) to save memory."""
+    activation_checkpointing_every: int = 1
+    """With gradient_checkpointing: checkpoint decoder layers 0, k, 2k, ... only (1: all), so
+    memory is traded for speed in steps."""
+    activation_checkpointing_policy: CheckpointPolicy = "full"
+    """With gradient_checkpointing: 'full' recomputes a checkpointed layer; 'save_matmuls' keeps
+    its matmul and attention outputs and recomputes only norms, activations and rotary."""
+    compile: bool = False
+    """torch.compile each decoder layer (regional compilation, torch engine): packed rows of
+    fixed length keep shapes static; attention stays the eager varlen kernel; the first step
+    pays the compile time. Evaluation and generations run the layers eagerly."""
 
     # -- data ------------------------------------------------------------------
     dataset_folder: str | None = None

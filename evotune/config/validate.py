@@ -144,6 +144,27 @@ def check_consistency(source: Path, s: TrainConfig) -> None:
         fail(
             "mixed_precision", "'autocast' is the torch engine's; DeepSpeed/FSDP2 keep bf16 params"
         )
+    if s.activation_checkpointing_every < 1:
+        fail(
+            "activation_checkpointing_every",
+            f"must be >= 1, got {s.activation_checkpointing_every}",
+        )
+    selective = s.activation_checkpointing_every != 1 or s.activation_checkpointing_policy != "full"
+    if selective and not s.gradient_checkpointing:
+        fail(
+            "activation_checkpointing_every"
+            if s.activation_checkpointing_every != 1
+            else "activation_checkpointing_policy",
+            "applies with gradient_checkpointing=True; set it, or remove this setting",
+        )
+    if s.compile and other_engine:
+        fail("compile", "regional compilation is tested with the torch engine (DDP) only")
+    if s.compile and s.gradient_checkpointing and s.activation_checkpointing_policy != "full":
+        fail(
+            "activation_checkpointing_policy",
+            "'save_matmuls' does not compose with compile=True (torch's selective checkpoint "
+            "rejects compiled layers); use 'full' with activation_checkpointing_every instead",
+        )
     if s.reduce_dtype != "float32" and other_engine:
         fail(
             "reduce_dtype",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +26,7 @@ from .engine import Engine, TorchEngine
 from .sequence import SequenceParallel, check_heads
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+logger = logging.getLogger(__name__)
 
 
 def build_engine(settings: TrainConfig, dims: ParallelDims) -> tuple[PreTrainedModel, Engine]:
@@ -68,11 +70,16 @@ def build_engine(settings: TrainConfig, dims: ParallelDims) -> tuple[PreTrainedM
 
 
 def _load(s: TrainConfig, dims: ParallelDims) -> PreTrainedModel:
+    selective = (
+        s.compile
+        or s.activation_checkpointing_every != 1
+        or s.activation_checkpointing_policy != "full"
+    )
     model = load_model(
         s.pretrained_model_name_or_path,
         s.attn_implementation,
         dims.device,
-        s.gradient_checkpointing,
+        s.gradient_checkpointing and not selective,  # HF's own: every layer, full recompute
         allow_unverified_model=s.allow_unverified_model,
         compute_dtype=TORCH_DTYPES[s.dtype],
     )
@@ -82,7 +89,134 @@ def _load(s: TrainConfig, dims: ParallelDims) -> PreTrainedModel:
         getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
         dims.sp_size,
     )
+    if selective:
+        prepare_decoder_layers(
+            model,
+            checkpoint_every=s.activation_checkpointing_every if s.gradient_checkpointing else None,
+            policy=s.activation_checkpointing_policy,
+            compile=s.compile,
+        )
     return model
+
+
+# -- per decoder layer: activation checkpointing (every k-th, selective) and regional compile --
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks, in order: HF's checkpointable layers (GradientCheckpointingLayer)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers: list[torch.nn.Module] = []
+    for module in model.modules():
+        inside = any(module in set(layer.modules()) for layer in layers)
+        if isinstance(module, GradientCheckpointingLayer) and not inside:
+            layers.append(module)
+    return layers
+
+
+def _saves_matmuls_and_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """Selective checkpointing: keep matmul and attention outputs, recompute everything else."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    name = str(op)
+    keep = name.split(".")[1] in MATMUL_OPS if name.startswith("aten.") else False
+    if keep or "attention" in name or "attn" in name:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_scaled_mm"})
+
+
+def _checkpoint_options(policy: str) -> dict[str, Any]:
+    options: dict[str, Any] = {"use_reentrant": False}
+    if policy == "save_matmuls":
+        import functools
+
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        options["context_fn"] = functools.partial(
+            create_selective_checkpoint_contexts, _saves_matmuls_and_attention
+        )
+    return options
+
+
+def _attention_outside_compiled_graphs(model: PreTrainedModel) -> None:
+    """Run the varlen attention function eagerly inside compiled layers.
+
+    Its metadata (segment bounds as Python ints, masks) differs in every row; traced,
+    it would specialise each graph on one row's segments and recompile for the next.
+    Left outside, each layer compiles to static-shape graphs around it.
+    """
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = model.config._attn_implementation
+    function = ALL_ATTENTION_FUNCTIONS[name]
+    if not getattr(function, "_torchdynamo_disable", False):
+        AttentionInterface.register(name, torch.compiler.disable(function))
+
+
+def prepare_decoder_layers(
+    model: PreTrainedModel,
+    *,
+    checkpoint_every: int | None,
+    policy: str = "full",
+    compile: bool = False,
+) -> None:
+    """Wrap each decoder layer's forward: compiled (training only), checkpointed when chosen.
+
+    ``checkpoint_every``: checkpoint layers 0, k, 2k, ... (None: no checkpointing);
+    ``policy``: 'full' recomputes a checkpointed layer, 'save_matmuls' keeps its
+    matmul and attention outputs. ``compile``: torch.compile each layer's forward
+    (regional compilation; default dynamic-shape handling, so fixed-length rows give
+    one static graph per layer part). The checkpoint wraps the compiled forward, so
+    the backward's recomputation runs compiled too; module hooks (FSDP2, ZeRO-3)
+    stay outside both. Evaluation and generation (no grad or eval mode) run the
+    layers eagerly. The model's parameters and state_dict names do not change.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if compile and checkpoint_every is not None and policy != "full":
+        raise ValueError(
+            f"activation checkpointing policy {policy!r} does not compose with compile (torch's "
+            "selective checkpoint rejects compiled layers); use 'full'"
+        )
+    if compile:
+        _attention_outside_compiled_graphs(model)
+    options = _checkpoint_options(policy)
+    for index, layer in enumerate(decoder_layers(model)):
+        eager = layer.forward
+        compiled = torch.compile(eager) if compile else eager
+        checkpointed = checkpoint_every is not None and index % checkpoint_every == 0
+
+        def forward(
+            *args: Any,
+            _layer: torch.nn.Module = layer,
+            _eager: Any = eager,
+            _compiled: Any = compiled,
+            _checkpointed: bool = checkpointed,
+            **kwargs: Any,
+        ) -> Any:
+            if not (_layer.training and torch.is_grad_enabled()):
+                return _eager(*args, **kwargs)
+            if _checkpointed:
+                return checkpoint(_compiled, *args, **options, **kwargs)
+            return _compiled(*args, **kwargs)
+
+        layer.forward = forward  # an instance attribute: hooks on __call__ stay outside
+    layers = decoder_layers(model)
+    summary = (
+        "none"
+        if checkpoint_every is None
+        else f"{len(range(0, len(layers), checkpoint_every))} ({policy})"
+    )
+    logger.info(
+        "decoder layers: %d, compiled: %s, activation-checkpointed: %s",
+        len(layers),
+        "all" if compile else "none",
+        summary,
+    )
 
 
 def _start_deepspeed(dims: ParallelDims) -> None:
