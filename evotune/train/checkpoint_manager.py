@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import LoadedConfig
+from ..data import PackedDataset
 from ..errors import ConfigError
 from ..parallel.dims import ParallelDims
 from ..parallel.engine import Engine
@@ -39,6 +40,9 @@ class CheckpointManager:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase | None,
         loaded: LoadedConfig,
+        dataset: PackedDataset,
+        sampler: Any,
+        total_steps: int,
     ):
         self.work_dir = work_dir
         self.dims = dims
@@ -46,6 +50,9 @@ class CheckpointManager:
         self.model = model
         self.tokenizer = tokenizer
         self.loaded = loaded
+        self.dataset = dataset
+        self.sampler = sampler
+        self.total_steps = total_steps
         settings = loaded.settings
         self.save_steps = settings.save_steps
         self.keep = settings.save_total_limit
@@ -54,7 +61,12 @@ class CheckpointManager:
     def due(self, step: int, last: bool) -> bool:
         return last or step % self.save_steps == 0
 
-    def save(self, state: TrainState, run_state: dict[str, Any]) -> Path:
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must share with this run to be resumed by it."""
+        dataset = dict(self.dataset.describe()) | {"folder": self.dataset.corpus.folder}
+        return {"engine": self.engine.name, "dp_size": self.dims.dp_size, "dataset": dataset}
+
+    def save(self, state: TrainState) -> Path:
         """checkpoint-<step>, written to a temporary folder by every rank, then published."""
         dims, step = self.dims, state.step
         temporary = ckpt.temporary_folder(self.work_dir, step)
@@ -69,7 +81,13 @@ class CheckpointManager:
         path = self.work_dir / ckpt.checkpoint_name(step)
         if dims.is_main:
             torch.save(rng_state(), temporary / "rng.pt")
-            ckpt.write_json(temporary / "trainer_state.json", {"state": asdict(state), **run_state})
+            run_state = {
+                "state": asdict(state),
+                "sampler": self.sampler.state_dict(consumed=state.consumed_in_epoch),
+                "total_steps": self.total_steps,
+                **self.identity(),
+            }
+            ckpt.write_json(temporary / "trainer_state.json", run_state)
             (temporary / "config.py").write_text(self.loaded.render())
             ckpt.publish(temporary, path)
             removed = ckpt.prune_checkpoints(self.work_dir, self.keep)
@@ -85,11 +103,13 @@ class CheckpointManager:
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
 
-    def resume(self, path: Path, expected: dict[str, Any]) -> tuple[TrainState, dict[str, Any]]:
-        """Validate ``path`` against this run (``expected`` keys must match), then load it.
+    def resume(self, path: Path) -> TrainState:
+        """Check that ``path`` belongs to this run, then restore engine, RNG, sampler and state.
 
-        Returns the run state and the saved trainer state (sampler position, ...).
+        An elastic engine (FSDP2) may resume on another data-parallel size: its state
+        reshards on load and the sampler re-splits the rest of the epoch.
         """
+        expected = self.identity()
         if not (path / ckpt.COMPLETE_MARKER).is_file():
             raise ConfigError(
                 f"--resume {path}: not a complete evotune checkpoint (no COMPLETE marker)"
@@ -110,8 +130,17 @@ class CheckpointManager:
         self.engine.load_state(path)
         restore_rng_state(torch.load(path / "rng.pt", weights_only=True))
         state = TrainState(**saved["state"])
+        self.sampler.load_state_dict(saved["sampler"], relayout=elastic)
+        state.consumed_in_epoch = self.sampler.start  # 0 where re-split on a new layout
+        by_epochs = self.loaded.settings.total_steps is None
+        if elastic and by_epochs and saved.get("total_steps") != self.total_steps:
+            raise ConfigError(
+                f"--resume {path}: max_epochs makes {saved.get('total_steps')} steps at the saved "
+                f"global batch but {self.total_steps} at dp x accumulative_counts x batch_size "
+                "now; keep that product, or set total_steps"
+            )
         logger.info("resumed from %s at step %d", path, state.step)
-        return state, saved
+        return state
 
 
 def _check_same_run(

@@ -221,3 +221,11 @@ def check_model_fits_data(
 def _has_rope_scaling(config: Any) -> bool:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     return rope.get("rope_type", rope.get("type", "default")) != "default"
+
+
+def one_line_cause(error: BaseException) -> str:
+    """The cause of a data error, also when a DataLoader worker re-raised it with a traceback."""
+    text = str(error)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ..parallel.dims import ParallelDims
-from .reporters import Reporters
+from .reporters import Reporters, dataset_lines
 from .state import TrainState
 
 logger = logging.getLogger("evotune")
@@ -247,3 +247,61 @@ def _duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def log_start_banner(
+    settings: Any,
+    dims: ParallelDims,
+    dataset: Any,
+    tokenizer: Any,
+    sampler: Any,
+    *,
+    engine: str,
+    total_steps: int,
+    start_step: int,
+    validation: str | None,
+) -> None:
+    """What the run reads and how it is laid out, before the first step (main rank)."""
+    s = settings
+    described = dataset.describe()
+    global_batch = dims.dp_size * s.accumulative_counts * s.batch_size
+    logger.info(
+        "data: %d shards, %d samples, %d tokens -> %d packs of %d (%s)",
+        described["shards"],
+        described["samples"],
+        described["tokens"],
+        described["packs"],
+        described["packed_length"],
+        described["pack_mode"],
+    )
+    for line in dataset_lines("data", dataset, tokenizer):
+        logger.info("%s", line)
+    if validation is not None:
+        logger.info("%s", validation)
+    logger.info(
+        "layout: world %d = dp %d x sp %d; engine %s",
+        dims.world_size,
+        dims.dp_size,
+        dims.sp_size,
+        engine,
+    )
+    logger.info(
+        "global batch = dp %d x accumulative_counts %d x batch_size %d = %d packs "
+        "(%d tokens); %d optimizer steps from step %d",
+        dims.dp_size,
+        s.accumulative_counts,
+        s.batch_size,
+        global_batch,
+        global_batch * s.max_length,
+        total_steps,
+        start_step,
+    )
+    for row in sampler.mixture_table():
+        logger.info(
+            "mixture: %-24s weight %.3g  packs/epoch %10.2f  tokens/epoch %12d  share %.2f%%",
+            row["subset"],
+            row["weight"],
+            row["packs_per_epoch"],
+            row["tokens_per_epoch"],
+            100 * row["share"],
+        )

@@ -27,7 +27,7 @@ import torch
 
 from ..config import LoadedConfig, TrainConfig
 from ..data import PackedBatch
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..model.load import check_model_source
 from ..parallel.dims import ParallelDims
 from ..parallel.parallelize import build_engine
@@ -37,8 +37,8 @@ from .evaluation import Validation
 from .faults import FaultInjectingEngine, Faults
 from .generation import SampleGenerations
 from .loss_policy import LossPolicy
-from .metrics import RunLogger
-from .reporters import Reporters, dataset_lines, resolve_report_to
+from .metrics import RunLogger, log_start_banner
+from .reporters import Reporters, resolve_report_to
 from .state import DataPosition, TrainingError, TrainState
 from .stopping import Preempted, StopRequest
 
@@ -107,26 +107,36 @@ class Trainer:
         if faults is not None:
             self.engine = FaultInjectingEngine(self.engine, faults, lambda: self.state.step)
         self.checkpoints = CheckpointManager(
-            work_dir, self.dims, self.engine, self.model, self.tokenizer, loaded
+            work_dir,
+            self.dims,
+            self.engine,
+            self.model,
+            self.tokenizer,
+            loaded,
+            self.dataset,
+            self.sampler,
+            self.total_steps,
         )
         if resume is not None:
-            self.state, saved = self.checkpoints.resume(Path(resume), self._identity())
-            elastic = bool(getattr(self.engine, "elastic", False))
-            self.sampler.load_state_dict(saved["sampler"], relayout=elastic)
-            self.state.consumed_in_epoch = self.sampler.start  # 0 where re-split on a new layout
-            if elastic and s.total_steps is None and saved.get("total_steps") != self.total_steps:
-                raise ConfigError(
-                    f"--resume {resume}: max_epochs makes {saved.get('total_steps')} steps at the "
-                    f"saved global batch but {self.total_steps} at dp x accumulative_counts x "
-                    "batch_size now; keep that product, or set total_steps"
-                )
+            self.state = self.checkpoints.resume(Path(resume))
 
     # -- the loop ----------------------------------------------------------------------
 
     def train(self) -> TrainResult:
         s = self.settings
         result = TrainResult(steps=self.total_steps)
-        self._announce()
+        if self.dims.is_main:
+            log_start_banner(
+                self.settings,
+                self.dims,
+                self.dataset,
+                self.tokenizer,
+                self.sampler,
+                engine=self.engine.name,
+                total_steps=self.total_steps,
+                start_step=self.state.step,
+                validation=None if self.validation is None else self.validation.describe(),
+            )
         run_logger = RunLogger(
             self.work_dir,
             self.dims,
@@ -200,7 +210,7 @@ class Trainer:
         try:
             chunk, failure = list(itertools.islice(stream, self.settings.accumulative_counts)), None
         except DataError as error:
-            chunk, failure = [], _one_line(error)
+            chunk, failure = [], inputs.one_line_cause(error)
         for batch, _ in chunk:
             if batch.bad_samples:
                 self.dataset.note_bad_samples(batch.bad_samples)
@@ -271,74 +281,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        run_state = {
-            "sampler": self.sampler.state_dict(consumed=self.state.consumed_in_epoch),
-            "total_steps": self.total_steps,
-            **self._identity(),
-        }
-        return self.checkpoints.save(self.state, run_state)
-
-    def _identity(self) -> dict[str, Any]:
-        """What a checkpoint must share with this run to be resumed by it."""
-        dataset = dict(self.dataset.describe()) | {"folder": self.dataset.corpus.folder}
-        return {"engine": self.engine.name, "dp_size": self.dims.dp_size, "dataset": dataset}
-
-    # -- the start banner ----------------------------------------------------------------
-
-    def _announce(self) -> None:
-        if not self.dims.is_main:
-            return
-        s, dims = self.settings, self.dims
-        described = self.dataset.describe()
-        global_batch = dims.dp_size * s.accumulative_counts * s.batch_size
-        logger.info(
-            "data: %d shards, %d samples, %d tokens -> %d packs of %d (%s)",
-            described["shards"],
-            described["samples"],
-            described["tokens"],
-            described["packs"],
-            described["packed_length"],
-            described["pack_mode"],
-        )
-        for line in dataset_lines("data", self.dataset, self.tokenizer):
-            logger.info("%s", line)
-        if self.validation is not None:
-            logger.info("%s", self.validation.describe())
-        logger.info(
-            "layout: world %d = dp %d x sp %d; engine %s",
-            dims.world_size,
-            dims.dp_size,
-            dims.sp_size,
-            self.engine.name,
-        )
-        logger.info(
-            "global batch = dp %d x accumulative_counts %d x batch_size %d = %d packs "
-            "(%d tokens); %d optimizer steps from step %d",
-            dims.dp_size,
-            s.accumulative_counts,
-            s.batch_size,
-            global_batch,
-            global_batch * s.max_length,
-            self.total_steps,
-            self.state.step,
-        )
-        for row in self.sampler.mixture_table():
-            logger.info(
-                "mixture: %-24s weight %.3g  packs/epoch %10.2f  tokens/epoch %12d  share %.2f%%",
-                row["subset"],
-                row["weight"],
-                row["packs_per_epoch"],
-                row["tokens_per_epoch"],
-                100 * row["share"],
-            )
-
-
-def _one_line(error: BaseException) -> str:
-    """The cause of a data error, also when a DataLoader worker re-raised it with a traceback."""
-    text = str(error)
-    if "Original Traceback" in text:
-        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
-    return " ".join(text.split())
+        return self.checkpoints.save(self.state)
 
 
 def _seed_everything(seed: int) -> None:
