@@ -57,7 +57,8 @@ def settings_reference() -> str:
     """The Markdown block: the introduction and one table of settings per section."""
     docs = setting_docs()
     hints = typing.get_type_hints(TrainConfig)
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    built = TrainConfig()  # default_factory fields too
+    defaults = {f.name: getattr(built, f.name) for f in dataclasses.fields(TrainConfig)}
     lines = [INTRO.rstrip()]
     for section, names in _sections().items():
         lines += ["", f"**{section.capitalize()}**", ""]
@@ -120,6 +121,8 @@ def _type_text(hint: Any) -> str:
         return "None"
     if origin is tuple:
         return "(" + ", ".join(_type_text(a) for a in args) + ")"
+    if origin is list:
+        return f"list[{_type_text(args[0])}]"
     if origin is dict:
         return "dict" if args[1] is Any else f"dict[{_type_text(args[0])}, {_type_text(args[1])}]"
     return getattr(hint, "__name__", str(hint))

@@ -23,7 +23,7 @@ import dataclasses
 import inspect
 import itertools
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal
 
@@ -33,6 +33,8 @@ LRSchedule = Literal["internevo", "xtuner", "constant"]
 WeightDecayScope = Literal["all", "no_bias_norm"]
 OnBadSample = Literal["error", "skip"]
 LRStepUnit = Literal["update", "micro_batch"]
+Reporter = Literal["tensorboard", "wandb"]
+ReportTo = Literal["auto", "none", "tensorboard", "wandb"]
 AttnImplementation = Literal[
     "auto", "sdpa", "flex_attention", "eager", "varlen", "flash_attention_2"
 ]
@@ -210,7 +212,7 @@ class TrainConfig:
     only. None: all of it."""
 
     # -- sample generations ----------------------------------------------------
-    evaluation_inputs: Any = ()
+    evaluation_inputs: list[str] = field(default_factory=list)
     """Prompts (a list of strings) answered greedily on the main rank before training, every
     evaluation_freq steps and at the end: logged and appended to WORK_DIR/generations.jsonl."""
     evaluation_freq: int | None = None
@@ -225,7 +227,7 @@ class TrainConfig:
     """Longest answer to each evaluation input, in tokens (greedy; stops earlier at EOS)."""
 
     # -- reporting -------------------------------------------------------------
-    report_to: Any = "auto"
+    report_to: ReportTo | list[Reporter] = "auto"
     """Where step and validation records go besides metrics.jsonl: a list of 'tensorboard'
     (WORK_DIR/tensorboard) and 'wandb'; 'auto': TensorBoard when installed; 'none'."""
 

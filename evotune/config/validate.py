@@ -74,6 +74,11 @@ def coerce(value: Any, hint: Any) -> tuple[bool, Any]:
             return False, value
         items = [coerce(v, a) for v, a in zip(value, args, strict=True)]
         return all(ok for ok, _ in items), tuple(v for _, v in items)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            return False, value
+        elements = [coerce(v, args[0]) for v in value]
+        return all(ok for ok, _ in elements), [v for _, v in elements]
     if origin is dict:
         if not isinstance(value, dict):
             return False, value
@@ -97,6 +102,8 @@ def describe(hint: Any) -> str:
         return "None"
     if origin is tuple:
         return f"a tuple of {len(args)} ({', '.join(describe(a) for a in args)})"
+    if origin is list:
+        return f"a list of {describe(args[0])}"
     if origin is dict:
         return f"a dict of {describe(args[0])} -> {describe(args[1])}"
     return f"a {getattr(hint, '__name__', hint)}"
@@ -132,6 +139,21 @@ def check_consistency(source: Path, s: TrainConfig) -> None:
         fail("warmup_start_factor", f"must be in [0, 1], got {s.warmup_start_factor}")
     if s.lr_step_unit == "micro_batch" and s.lr_schedule != "xtuner":
         fail("lr_step_unit", "'micro_batch' is XTuner's stepping: set lr_schedule = 'xtuner'")
+    for key in ("eval_steps", "max_eval_batches", "evaluation_freq"):
+        value = getattr(s, key)
+        if value is not None and value < 1:
+            fail(key, f"must be >= 1 (or None), got {value}")
+    if s.max_new_tokens < 1:
+        fail("max_new_tokens", f"must be >= 1, got {s.max_new_tokens}")
+    if s.prompt_template is not None:
+        from ..data.templates import PROMPT_TEMPLATES
+
+        if s.prompt_template not in PROMPT_TEMPLATES:
+            fail(
+                "prompt_template",
+                f"unknown template {s.prompt_template!r}{suggest(s.prompt_template, sorted(PROMPT_TEMPLATES))}; "
+                f"choose one of {', '.join(sorted(PROMPT_TEMPLATES))}, or None for the tokenizer's",
+            )
     if s.cpu_threads is not None and s.cpu_threads < 1:
         fail(
             "cpu_threads",
