@@ -143,7 +143,10 @@ def test_prompts_are_rendered_with_xtuner_templates_or_the_chat_template(tokeniz
             "prompt_template: unknown template 'internlm3_chat'",
         ),
         ({"evaluation_inputs": PROMPTS, "evaluation_freq": 0}, "evaluation_freq: must be >= 1"),
-        ({"evaluation_inputs": "Explain json:"}, "'evaluation_inputs' = 'Explain json:' should be a list of a str"),
+        (
+            {"evaluation_inputs": "Explain json:"},
+            "'evaluation_inputs' = 'Explain json:' should be a list of a str",
+        ),
         ({"evaluation_inputs": ["ok", ""]}, r"evaluation_inputs\[1\]: must be a non-empty"),
         ({"evaluation_inputs": PROMPTS, "max_new_tokens": 0}, "max_new_tokens: must be >= 1"),
         ({"evaluation_freq": 10}, "evaluation_freq: there are no evaluation_inputs"),
