@@ -17,7 +17,7 @@ from evotune.data import PackedBatch
 from evotune.model.attention import AttentionMetadata, attention_name, register_attention
 from evotune.model.families import LogitTransform
 from evotune.model.loss import (
-    checkpointed_cross_entropy_sum,
+    checkpointed_cross_entropy,
     chunked_cross_entropy_sum,
     fusable_head,
     fused_cross_entropy_sum,
@@ -63,7 +63,7 @@ def test_fused_equals_checkpointed_chunks(transform, chunk, bias, skip_ignored):
     head, hidden, labels = _inputs(bias)
     fn = TRANSFORMS[transform]
     expected = _loss_and_grads(
-        lambda: checkpointed_cross_entropy_sum(hidden, head, labels, chunk, fn),
+        lambda: checkpointed_cross_entropy(hidden, head, labels, chunk, fn)[0],
         head,
         hidden,
         labels,
@@ -89,7 +89,7 @@ def test_the_inputs_tell_a_missing_derivative_apart():
     head, hidden, labels = _inputs(bias=False)
     for name in ("multiply", "divide", "softcap", "all"):
         transform = TRANSFORMS[name]
-        loss = checkpointed_cross_entropy_sum(hidden, head, labels, 7, transform)
+        loss = checkpointed_cross_entropy(hidden, head, labels, 7, transform)[0]
         (correct,) = torch.autograd.grad(loss, hidden)
         transformed = transform(head(hidden).detach())
         keep = labels != -100
@@ -142,7 +142,7 @@ def test_no_trainable_label_and_no_grad_mode():
     assert hidden.grad.abs().max() == 0 and head.weight.grad.abs().max() == 0
     with torch.no_grad():
         value = fused_cross_entropy_sum(hidden, head.weight, labels, 7)
-        reference = checkpointed_cross_entropy_sum(hidden, head, labels, 7)
+        reference = checkpointed_cross_entropy(hidden, head, labels, 7)[0]
     assert value.grad_fn is None
     torch.testing.assert_close(value, reference, **EXACT)
 
@@ -158,7 +158,7 @@ def test_a_second_backward_is_refused():
 def test_bf16_autocast_tracks_fp32_within_bf16_tolerance():
     head, hidden, labels = _inputs(bias=True)
     reference = _loss_and_grads(
-        lambda: checkpointed_cross_entropy_sum(hidden, head, labels, 7), head, hidden, labels
+        lambda: checkpointed_cross_entropy(hidden, head, labels, 7)[0], head, hidden, labels
     )
 
     def autocast_fused():
@@ -203,6 +203,6 @@ def test_model_gradients_equal_the_checkpointed_path(tied, chunk):
         use_cache=False,
         attention_metadata=metadata,
     ).last_hidden_state[0]
-    checkpointed_cross_entropy_sum(hidden, model.lm_head, batch.labels[0], chunk).backward()
+    checkpointed_cross_entropy(hidden, model.lm_head, batch.labels[0], chunk)[0].backward()
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(fused[name], parameter.grad, **EXACT, msg=name)

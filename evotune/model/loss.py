@@ -147,6 +147,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             else None
         )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        token_losses = torch.zeros(work_labels.shape, dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, work_labels.shape[0], chunk_size):
                 chunk_hidden = work_hidden[start : start + chunk_size]
@@ -157,6 +158,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 ignored = chunk_labels == IGNORE_INDEX
                 targets = chunk_labels.masked_fill(ignored, 0).unsqueeze(1)
                 picked = log_probs.gather(1, targets).squeeze(1).masked_fill(ignored, 0.0)
+                token_losses[start : start + chunk_size] = -picked
                 total -= picked.sum()
                 if grad_hidden is None and grad_weight is None and grad_bias is None:
                     continue
@@ -185,11 +187,16 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None or bias is None else grad_bias.to(bias.dtype),
         ]
-        return total
+        if rows is not None:
+            token_losses = torch.zeros(
+                labels.shape, dtype=torch.float32, device=hidden.device
+            ).index_copy_(0, rows, token_losses)
+        ctx.mark_non_differentiable(token_losses)
+        return total, token_losses
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad_loss: torch.Tensor, _: torch.Tensor) -> tuple[Any, ...]:
         if ctx.grads is None:
             raise RuntimeError(
                 "FusedLinearCrossEntropy: the backward ran twice; its stored gradients are "
@@ -220,7 +227,22 @@ def fused_cross_entropy_sum(
     bias: torch.Tensor | None = None,
     skip_ignored: bool | None = None,
 ) -> torch.Tensor:
-    """Fused LM head + fp32 cross-entropy sum (see FusedLinearCrossEntropy).
+    """Fused LM head + fp32 cross-entropy sum (see FusedLinearCrossEntropy)."""
+    return fused_cross_entropy(
+        hidden, weight, labels, chunk_size, logit_transform, bias, skip_ignored
+    )[0]
+
+
+def fused_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 4096,
+    logit_transform: LogitFn | None = None,
+    bias: torch.Tensor | None = None,
+    skip_ignored: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused LM head + fp32 cross-entropy: (the sum, each position's loss, detached).
 
     ``skip_ignored``: compute the head only on positions with a target; None: when the
     labels are on the host, where finding those positions needs no device sync.
@@ -232,16 +254,16 @@ def fused_cross_entropy_sum(
     make_grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    loss: torch.Tensor = FusedLinearCrossEntropy.apply(
+    loss, token_losses = FusedLinearCrossEntropy.apply(
         hidden, weight, bias, labels, chunk_size, logit_transform, make_grads, skip_ignored
     )
-    return loss
+    return loss, token_losses
 
 
 # -- the checkpointed chunks: any head module -----------------------------------------------
 
 
-def _chunk_loss_sum(
+def _chunk_losses(
     lm_head: torch.nn.Module,
     hidden: torch.Tensor,
     labels: torch.Tensor,
@@ -250,29 +272,31 @@ def _chunk_loss_sum(
     logits = lm_head(hidden).float()
     if transform is not None:
         logits = transform(logits)
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
 
 
-def checkpointed_cross_entropy_sum(
+def checkpointed_cross_entropy(
     hidden: torch.Tensor,
     lm_head: torch.nn.Module,
     labels: torch.Tensor,
     chunk_size: int = 4096,
     logit_transform: LogitFn | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss through the head module, each chunk under activation checkpointing.
 
     The backward runs the head again per chunk; used for heads ``fusable_head`` refuses.
+    Returns the sum and each position's loss (detached; 0 without a target).
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     total = hidden.new_zeros((), dtype=torch.float32)
+    pieces = []
     for start in range(0, labels.shape[0], chunk_size):
         chunk_labels = labels[start : start + chunk_size]
         chunk_hidden = hidden[start : start + chunk_size]
         if torch.is_grad_enabled() and chunk_hidden.requires_grad:
-            total = total + checkpoint(
-                _chunk_loss_sum,
+            losses = checkpoint(
+                _chunk_losses,
                 lm_head,
                 chunk_hidden,
                 chunk_labels,
@@ -280,8 +304,10 @@ def checkpointed_cross_entropy_sum(
                 use_reentrant=False,
             )
         else:
-            total = total + _chunk_loss_sum(lm_head, chunk_hidden, chunk_labels, logit_transform)
-    return total
+            losses = _chunk_losses(lm_head, chunk_hidden, chunk_labels, logit_transform)
+        total = total + losses.sum()
+        pieces.append(losses.detach())
+    return total, torch.cat(pieces) if pieces else labels.new_zeros(0, dtype=torch.float32)
 
 
 def chunked_cross_entropy_sum(
@@ -291,7 +317,18 @@ def chunked_cross_entropy_sum(
     chunk_size: int = 4096,
     logit_transform: LogitFn | None = None,
 ) -> torch.Tensor:
-    """Sum of fp32 token cross-entropies over positions whose label is not -100.
+    """Sum of fp32 token cross-entropies over positions whose label is not -100."""
+    return chunked_cross_entropy(hidden, lm_head, labels, chunk_size, logit_transform)[0]
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    labels: torch.Tensor,
+    chunk_size: int = 4096,
+    logit_transform: LogitFn | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 token cross-entropies: (their sum, each position's loss detached, 0 without target).
 
     ``hidden``: (tokens, hidden_size) final hidden states; ``labels``: (tokens,)
     targets already aligned with positions (labels[t] is the target of position t);
@@ -299,10 +336,10 @@ def chunked_cross_entropy_sum(
     head and loss when ``fusable_head(lm_head)``, else checkpointed chunks.
     """
     if fusable_head(lm_head):
-        return fused_cross_entropy_sum(
+        return fused_cross_entropy(
             hidden, lm_head.weight, labels, chunk_size, logit_transform, lm_head.bias
         )
-    return checkpointed_cross_entropy_sum(hidden, lm_head, labels, chunk_size, logit_transform)
+    return checkpointed_cross_entropy(hidden, lm_head, labels, chunk_size, logit_transform)
 
 
 class PackedLoss(NamedTuple):
@@ -311,11 +348,15 @@ class PackedLoss(NamedTuple):
     ``loss_sum``: fp32 sum of token cross-entropies over the row's trainable labels
     (this rank's slice under sequence parallelism). ``aux_loss``: a term added to
     the objective as is (already multiplied by its coefficient, e.g. an MoE router
-    load-balancing loss), or None for dense models.
+    load-balancing loss), or None for dense models. ``token_losses`` / ``token_types``:
+    each position's loss (detached) and data type id, -1 where there is no target (or SP
+    padding), for per-type loss sums without a host sync.
     """
 
     loss_sum: torch.Tensor
     aux_loss: torch.Tensor | None = None
+    token_losses: torch.Tensor | None = None
+    token_types: torch.Tensor | None = None
 
 
 def packed_loss(
@@ -345,19 +386,21 @@ def packed_loss(
         **extra,
     )
     transform = logit_transform(config)
-    loss_sum = chunked_cross_entropy_sum(
+    labels = batch.labels[0]
+    loss_sum, token_losses = chunked_cross_entropy(
         outputs.last_hidden_state[0],
         hf.get_output_embeddings(),
-        batch.labels[0],
+        labels,
         chunk_size=chunk_size,
         logit_transform=transform,
     )
+    token_types = batch.type_ids[0].masked_fill(labels == IGNORE_INDEX, -1)
     aux_loss = None
     if router is not None:
         aux_loss = router_aux_loss(
             outputs.router_logits, router, batch.type_ids[0] >= 0, sequence_parallel
         )
-    return PackedLoss(loss_sum, aux_loss)
+    return PackedLoss(loss_sum, aux_loss, token_losses, token_types)
 
 
 def packed_loss_sum(

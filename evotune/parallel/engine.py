@@ -136,7 +136,9 @@ class EngineBase:
     @staticmethod
     def _detached(parts: PackedLoss) -> PackedLoss:
         aux = None if parts.aux_loss is None else parts.aux_loss.detach().float()
-        return PackedLoss(parts.loss_sum.detach().float(), aux)
+        return PackedLoss(
+            parts.loss_sum.detach().float(), aux, parts.token_losses, parts.token_types
+        )
 
 
 class TorchEngine(EngineBase):

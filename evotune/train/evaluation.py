@@ -210,17 +210,13 @@ class TypeLosses:
     def add(self, losses: torch.Tensor, labels: torch.Tensor, type_ids: torch.Tensor) -> None:
         add_type_sums(self.sums, losses, labels, type_ids)
 
-    def add_row(
-        self, losses: torch.Tensor, batch: PackedBatch, sequence_parallel: Any = None
-    ) -> None:
-        """Per-token losses of this rank's part of ``batch``: its slice under SP."""
-        local = batch if sequence_parallel is None else sequence_parallel.split(batch)
-        device = self.sums.device
-        self.add(
-            losses,
-            local.labels.to(device, non_blocking=True),
-            local.type_ids.to(device, non_blocking=True),
-        )
+    def add_typed(self, losses: torch.Tensor, types: torch.Tensor) -> None:
+        """Per-token losses with their type ids, -1 where a position has no target."""
+        types = types.reshape(-1)
+        counted = (types >= 0).double()
+        types = types.clamp(min=0)
+        self.sums[:, 0].index_add_(0, types, losses.reshape(-1).double() * counted)
+        self.sums[:, 1].index_add_(0, types, counted)
 
     def flat(self) -> list[float]:
         return self.sums.flatten().tolist()

@@ -152,6 +152,7 @@ class RunLogger:
         *,
         loss: float,
         aux_loss: float | None,
+        loss_by_type: dict[str, tuple[float, int]] | None = None,
         lr: float,
         grad_norm: float,
         applied: bool,
@@ -192,6 +193,11 @@ class RunLogger:
         }
         if aux_loss is not None:
             record["aux_loss"] = aux_loss
+        if loss_by_type:  # token mean loss and trainable tokens of each data type in the step
+            record["loss_by_type"] = {name: mean for name, (mean, _) in loss_by_type.items()}
+            record["trainable_tokens_by_type"] = {
+                name: count for name, (_, count) in loss_by_type.items()
+            }
         return record
 
     def _utilisation(self, flops: float, elapsed: float) -> float | None:

@@ -33,7 +33,7 @@ from ..parallel.dims import ParallelDims
 from ..parallel.parallelize import build_engine
 from . import inputs
 from .checkpoint_manager import CheckpointManager
-from .evaluation import Validation
+from .evaluation import TypeLosses, Validation
 from .faults import FaultInjectingEngine, Faults
 from .generation import SampleGenerations
 from .loss_policy import LossPolicy
@@ -65,6 +65,8 @@ class StepResult:
     trainable: int
     position: DataPosition  # where the data stream stands after this step
     stop_requested: bool = False  # some rank received a stop signal
+    # data type -> (token mean loss, trainable tokens) over the step, every rank
+    loss_by_type: dict[str, tuple[float, int]] = field(default_factory=dict)
 
 
 class Trainer:
@@ -167,6 +169,7 @@ class Trainer:
                     self.state,
                     loss=step.loss,
                     aux_loss=step.aux_loss,
+                    loss_by_type=step.loss_by_type,
                     lr=step.lr,
                     grad_norm=step.grad_norm,
                     applied=step.applied,
@@ -235,15 +238,19 @@ class Trainer:
         last = len(micro_batches) - 1
         objective: Any = 0.0  # summed on the device: one host sync per step, below
         aux: Any = None
+        by_type = TypeLosses(self.dataset.corpus.type_names, self.dims.device)
         for index, (batch, weight) in enumerate(zip(micro_batches, weights.loss, strict=True)):
             parts = self.engine.forward_backward(batch, weight, weights.aux, sync=index == last)
             objective = objective + parts.loss_sum.double() * weight
+            if parts.token_losses is not None and parts.token_types is not None:
+                by_type.add_typed(parts.token_losses, parts.token_types)
             if parts.aux_loss is not None:
                 aux = (0.0 if aux is None else aux) + parts.aux_loss.double() * weights.aux
         rows = [float(sum(b.num_tokens for b in micro_batches)), float(sum(trainable))]
         stop = float(self.stop.requested)  # rides on the step's reduction: all ranks agree
         per_rank = [float(objective), stop] + ([] if aux is None else [float(aux)])
-        summed, (tokens, step_trainable) = self.dims.sum_step(per_rank, rows)
+        per_type = by_type.flat()  # rides on the same reduction
+        summed, (tokens, step_trainable) = self.dims.sum_step(per_rank + per_type, rows)
         loss = summed[0]
         grad_norm, applied = self.engine.update(lr, s.max_norm, math.isfinite(loss))
         state.advance(position, int(tokens), applied)
@@ -260,6 +267,7 @@ class Trainer:
             int(step_trainable),
             position,
             stop_requested=summed[1] > 0,
+            loss_by_type=by_type.means(summed[len(per_rank) :]),
         )
 
     def _report_skip(self, loss: float, grad_norm: float) -> None:
