@@ -192,6 +192,13 @@ def test_single_process_deepspeed(setup, tmp_path):
     result = run_train(config, tmp_path / "work", "--deepspeed", "deepspeed_zero2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(records(tmp_path / "work")) == 2
+    # same data-parallel size on 2 processes (sp=2): a ZeRO checkpoint is split by world size
+    wider = write_config(tmp_path / "sp.py", model, data, total_steps=4, sequence_parallel_size=2)
+    refused = run_train(
+        wider, tmp_path / "work", "--deepspeed", "deepspeed_zero2", "--resume", "auto", nproc=2
+    )
+    assert refused.returncode == 2
+    assert "a ZeRO checkpoint is partitioned" in refused.stderr.strip().splitlines()[-1]
 
 
 def test_skipped_bad_samples_are_reported_per_file(setup, tmp_path):

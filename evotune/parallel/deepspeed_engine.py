@@ -114,6 +114,8 @@ def zero_stage(config: dict[str, Any]) -> int:
 class DeepSpeedEngine(EngineBase):
     """ZeRO 1/2/3; DeepSpeed averages gradients over every rank (SP ranks included)."""
 
+    partitioned = True  # optimizer (and parameter) state split over every rank
+
     def __init__(
         self,
         model: PreTrainedModel,

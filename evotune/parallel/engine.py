@@ -82,6 +82,8 @@ def optimizer_param_groups(
 
 class Engine(Protocol):
     name: str  # recorded in checkpoints: a resume must use the same engine
+    elastic: bool  # its checkpoints resume on another number of ranks (state reshards)
+    partitioned: bool  # its resume state is split over every rank (needs the same world)
     model: PreTrainedModel
 
     def forward_backward(
@@ -109,6 +111,8 @@ class EngineBase:
     """What every engine shares: SP slicing, device placement, the objective."""
 
     name = "torch"
+    elastic = False
+    partitioned = False
 
     def __init__(
         self,

@@ -64,7 +64,12 @@ class CheckpointManager:
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must share with this run to be resumed by it."""
         dataset = dict(self.dataset.describe()) | {"folder": self.dataset.corpus.folder}
-        return {"engine": self.engine.name, "dp_size": self.dims.dp_size, "dataset": dataset}
+        return {
+            "engine": self.engine.name,
+            "dp_size": self.dims.dp_size,
+            "world_size": self.dims.world_size,
+            "dataset": dataset,
+        }
 
     def save(self, state: TrainState) -> Path:
         """checkpoint-<step>, written to a temporary folder by every rank, then published."""
@@ -118,8 +123,8 @@ class CheckpointManager:
         if problems:
             raise ConfigError(f"--resume {path}: damaged: {'; '.join(problems)}")
         saved = ckpt.read_json(path / "trainer_state.json")
-        elastic = bool(getattr(self.engine, "elastic", False))  # its state reshards on load
-        _check_same_run(path, saved, expected, elastic)
+        elastic = self.engine.elastic  # its state reshards on load
+        _check_same_run(path, saved, expected, elastic, self.engine.partitioned)
         if saved.get("dp_size") != expected.get("dp_size"):
             logger.info(
                 "resuming on data-parallel size %s (saved with %s): the engine state reshards "
@@ -144,21 +149,33 @@ class CheckpointManager:
 
 
 def _check_same_run(
-    path: Path, saved: dict[str, Any], expected: dict[str, Any], elastic: bool = False
+    path: Path,
+    saved: dict[str, Any],
+    expected: dict[str, Any],
+    elastic: bool = False,
+    partitioned: bool = False,
 ) -> None:
-    """Refuse a checkpoint of another run; an ``elastic`` engine may change the DP size."""
+    """Refuse a checkpoint of another run.
+
+    An ``elastic`` engine may change the layout; a ``partitioned`` one (ZeRO) needs the
+    same world size too, since its state is split over every rank, SP ranks included.
+    """
     mismatch = {
         "engine": "saved by the {saved!r} engine, now {now!r}; resume with the same --deepspeed "
         "/ --fsdp setting (or export the HF folder and start a new run)",
         "dp_size": "saved with data-parallel size {saved}, now {now}; resume with the same number "
         "of processes / sp size, or train with --fsdp, whose checkpoints resume on another "
         "layout (or export the HF folder and start a new run)",
+        "world_size": "saved on {saved} processes, now {now}; a ZeRO checkpoint is partitioned "
+        "over every rank: resume on the same number of processes, or train with --fsdp",
         "dataset": "the dataset or packing changed ({saved} -> {now}); resume with the original "
         "data and packing settings",
     }
     for key, now in expected.items():
-        if key == "dp_size" and elastic:
+        if key in ("dp_size", "world_size") and elastic:
             continue  # the engine (checked first) is the same and reshards
+        if key == "world_size" and (not partitioned or key not in saved):
+            continue  # a full replica per rank: only the data-parallel size matters
         if saved.get(key) != now:
             reason = mismatch[key].format(saved=saved.get(key), now=now)
             raise ConfigError(f"--resume {path}: {reason}")
