@@ -109,7 +109,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -119,7 +119,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         transform: LogitFn | None,
         make_grads: bool,
         skip_ignored: bool,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # needs_input_grad ignores no_grad mode; the caller says whether a backward can come
         needs_hidden, needs_weight, needs_bias = (
             make_grads and needed for needed in ctx.needs_input_grad[:3]
@@ -335,7 +335,7 @@ def chunked_cross_entropy(
     ``logit_transform``: applied to the fp32 logits before the softmax. The fused
     head and loss when ``fusable_head(lm_head)``, else checkpointed chunks.
     """
-    if fusable_head(lm_head):
+    if isinstance(lm_head, torch.nn.Linear) and fusable_head(lm_head):
         return fused_cross_entropy(
             hidden, lm_head.weight, labels, chunk_size, logit_transform, lm_head.bias
         )

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -162,7 +162,8 @@ class FSDP2Engine(EngineBase):
         from torch.distributed.tensor import DTensor
 
         parameters = [p for p in self.model.parameters() if p.grad is not None]
-        total = torch.nn.utils.get_total_norm([p.grad for p in parameters], 2.0)
+        gradients = [p.grad for p in parameters if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(gradients, 2.0)
         if isinstance(total, DTensor):  # partial sums of squares on each shard
             total = total.full_tensor()
         norm = float(total)
@@ -185,7 +186,8 @@ class FSDP2Engine(EngineBase):
         )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(self.model, options=options)
+        # a full state dict holds plain CPU tensors (no DTensors, no nested states)
+        weights = cast(dict[str, torch.Tensor], get_model_state_dict(self.model, options=options))
         return weights if self.dims.is_main else None
 
     def _sharded_state(self) -> dict[str, Any]:

@@ -151,9 +151,10 @@ def token_losses(
     attention metadata, the LM head and the family's logit transform in chunks), kept
     per token instead of summed.
     """
-    config = model.config
+    hf: Any = model  # a transformers PreTrainedModel
+    config = hf.config
     metadata = AttentionMetadata.for_batch(batch, kernel_of(config), attention_needs(config))
-    base_model = getattr(model, model.base_model_prefix)
+    base_model = getattr(hf, hf.base_model_prefix)
     outputs = base_model(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
@@ -163,7 +164,7 @@ def token_losses(
     )
     hidden = outputs.last_hidden_state[0]
     labels = batch.labels[0]
-    head = model.get_output_embeddings()
+    head = hf.get_output_embeddings()
     transform = logit_transform(config)
     pieces = []
     for start in range(0, labels.shape[0], chunk_size):
@@ -388,7 +389,8 @@ class Validation:
     def run(self, model: nn.Module, engine: Any, step: int) -> EvalResult:
         """Evaluate every row of this replica; collective over all ranks."""
         started = time.perf_counter()
-        self.dataset.vocab_size = model.config.vocab_size  # ids are checked as packs are read
+        config: Any = model.config
+        self.dataset.vocab_size = config.vocab_size  # ids are checked as packs are read
         dims = self.dims
         device = dims.device
         sums = TypeLosses(self.dataset.corpus.type_names, device)
