@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..config.schema import OnBadSample, choices
 from ..errors import ConfigError
 from .ftdp import BadSampleError, DataError, ShardIndex, ShardReader, TokenizedCorpus
 
@@ -45,8 +46,7 @@ IGNORE_INDEX = -100
 PACKING_SEED = 1024
 PackMode = Literal["internevo", "internevo_into_one", "xtuner"]
 PACK_MODES: tuple[str, ...] = ("internevo", "internevo_into_one", "xtuner")
-OnBadSample = Literal["error", "skip"]
-ON_BAD_SAMPLE: tuple[str, ...] = ("error", "skip")
+ON_BAD_SAMPLE = choices(OnBadSample)
 BadSampleRecord = tuple[str, int, str]  # (shard path, 1-based line, reason)
 
 

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from ..config import TrainConfig
+from ..config import DTYPES, TrainConfig
 from ..model.load import load_model
 from .dims import ParallelDims
 from .engine import Engine, TorchEngine
 from .sequence import SequenceParallel, check_heads
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 logger = logging.getLogger(__name__)
 
 

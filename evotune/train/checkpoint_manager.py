@@ -23,12 +23,11 @@ from ..data import PackedDataset
 from ..errors import ConfigError
 from ..parallel.dims import ParallelDims
 from ..parallel.engine import Engine
+from ..parallel.parallelize import TORCH_DTYPES
 from . import checkpoint as ckpt
 from .state import TrainState
 
 logger = logging.getLogger("evotune")
-
-SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class CheckpointManager:
@@ -56,7 +55,7 @@ class CheckpointManager:
         settings = loaded.settings
         self.save_steps = settings.save_steps
         self.keep = settings.save_total_limit
-        self.save_dtype = SAVE_DTYPES[settings.dtype]
+        self.save_dtype = TORCH_DTYPES[settings.dtype]
 
     def due(self, step: int, last: bool) -> bool:
         return last or step % self.save_steps == 0

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+
+from ..config.schema import LRStepUnit, choices
 
 XTUNER_START_FACTOR = 1.0 / 40
 """start_factor of the LinearLR warm-up in XTuner's config templates."""
 
-StepUnit = Literal["update", "micro_batch"]
-STEP_UNITS: tuple[str, ...] = ("update", "micro_batch")
+STEP_UNITS = choices(LRStepUnit)
 
 
 @dataclass(frozen=True)
