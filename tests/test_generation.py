@@ -245,5 +245,5 @@ def test_unknown_prompt_template_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert (
-        last.startswith("evotune: error: ") and "prompt_template: unknown prompt template" in last
+        last.startswith("evotune: error: ") and "prompt_template: unknown template 'chatml'" in last
     )

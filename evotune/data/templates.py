@@ -13,6 +13,8 @@ exactly as XTuner's encode_fn does. ``stop_words`` end a generation.
 
 from __future__ import annotations
 
+import json
+import string
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -58,6 +60,56 @@ class PromptTemplate:
                 )
             rendered = self.system.format(system=system) + rendered
         return rendered
+
+    def chat_template(self, with_bos: bool) -> str:
+        """This template as a Jinja chat template, for tokenizers saved with the model.
+
+        Renders what ``tokenize`` trains on: BOS at the start and after each turn that
+        ended with EOS (``with_bos``: the tokenizer has one), a system message before
+        the turn it belongs to, the instruction with its round number, the reply, the
+        suffix, EOS unless the suffix is the end of turn, the separator. With
+        ``add_generation_prompt`` nothing is added: the instruction ends with the
+        assistant's prefix already.
+        """
+
+        def jinja(text: str, values: dict[str, str]) -> str:
+            pieces = []
+            for literal, field, _, _ in string.Formatter().parse(text):
+                if literal:
+                    pieces.append("{{ " + json.dumps(literal) + " }}")
+                if field is not None:
+                    pieces.append("{{ " + values[field] + " }}")
+            return "".join(pieces)
+
+        eos = "" if self.suffix_as_eos else "{{ eos_token }}"
+        bos = "{%- if ns.bos %}{{ bos_token }}{% endif -%}" if with_bos else ""
+        system = (
+            "{%- if ns.system %}" + jinja(self.system, {"system": "ns.system"}) + "{% endif -%}"
+            if self.system is not None
+            else ""
+        )
+        return "".join(
+            [
+                "{%- set ns = namespace(round=1, system='', bos=true) -%}",
+                "{%- for message in messages -%}",
+                "{%- if message['role'] == 'system' -%}",
+                "{%- set ns.system = message['content'] -%}",
+                "{%- elif message['role'] == 'user' -%}",
+                bos,
+                system,
+                "{%- set ns.system = '' -%}",
+                jinja(self.instruction, {"input": "message['content']", "round": "ns.round"}),
+                "{%- elif message['role'] == 'assistant' -%}",
+                "{{ message['content'] }}",
+                jinja(self.suffix, {}),
+                eos,
+                jinja(self.sep, {}),
+                "{%- set ns.bos = " + ("false" if self.suffix_as_eos else "true") + " -%}",
+                "{%- set ns.round = ns.round + 1 -%}",
+                "{%- endif -%}",
+                "{%- endfor -%}",
+            ]
+        )
 
 
 def _template(name: str, instruction: str, **fields: object) -> PromptTemplate:

@@ -53,6 +53,15 @@ class CheckpointManager:
         self.sampler = sampler
         self.total_steps = total_steps
         settings = loaded.settings
+        if tokenizer is not None and settings.prompt_template is not None:
+            # the saved tokenizer formats chats the way this run's data and answers were
+            from ..data.templates import get_template
+            from ..data.tokenize import special_ids
+
+            template = get_template(settings.prompt_template)
+            tokenizer.chat_template = template.chat_template(
+                with_bos=bool(special_ids(tokenizer)[0])
+            )
         self.save_steps = settings.save_steps
         self.keep = settings.save_total_limit
         self.save_dtype = TORCH_DTYPES[settings.dtype]

@@ -80,6 +80,8 @@ def run_training(
 
     loaded = load_config(config_path, overrides)
     dims = ParallelDims.from_environment(loaded.settings.sequence_parallel_size)
+    if dims.device.type == "cpu":  # spares runs that import DeepSpeed its GPU probe warning
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     threads = choose_cpu_threads(loaded.settings.cpu_threads, dims)
     stop = StopRequest()
     restore_signals = stop.install()
