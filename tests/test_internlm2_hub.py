@@ -250,8 +250,10 @@ def test_refusal_through_the_cli_is_exit_2(tmp_path):
 @pytest.mark.integration
 def test_train_from_internlm2_folder_and_export_both_formats(internlm2_folder, tmp_path):
     data = write_corpus(tmp_path / "data", shards=2, samples=30)
-    config = write_config(tmp_path / "run.py", internlm2_folder, data, total_steps=2)
-    result = run_train(config, tmp_path / "work")
+    config = write_config(
+        tmp_path / "run.py", internlm2_folder, data, total_steps=2, accumulative_counts=1
+    )
+    result = run_train(config, tmp_path / "work", nproc=2)  # every rank converts in memory
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = sorted((tmp_path / "work").glob("checkpoint-*"))[-1]
     for fmt in ("llama", "internlm2"):

@@ -115,6 +115,23 @@ class ParallelDims:
             self.device.type, (self.dp_size, self.sp_size), mesh_dim_names=MESH_DIMS
         )
 
+    def ensure_process_group(self) -> None:
+        """A process group even for one process (DeepSpeed and FSDP2 need one)."""
+        if self.mesh is not None:
+            return
+        if not dist.is_initialized():
+            from ..launch import free_port
+
+            for name, value in (
+                ("RANK", "0"),
+                ("LOCAL_RANK", "0"),
+                ("WORLD_SIZE", "1"),
+                ("MASTER_ADDR", "127.0.0.1"),
+            ):
+                os.environ.setdefault(name, value)
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        self.start_process_group()
+
     def all_reduce_sum(self, values: list[float], group: Any = None) -> list[float]:
         """Sum floats over a group (the whole world by default) in float64."""
         if not self.is_distributed:

@@ -38,7 +38,6 @@ Design, and why:
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, cast
 
@@ -60,27 +59,13 @@ SHARD_MESH_NAME = "dp_sp"
 
 def prepare_fsdp(settings: TrainConfig, dims: ParallelDims) -> None:
     """Refuse a second engine; give a single process a one-rank group (DTensors need a mesh)."""
-    import torch.distributed as dist
 
     if settings.deepspeed is not None:
         raise ConfigError(
             f"engine={settings.engine!r} and deepspeed={settings.deepspeed!r} both choose an "
             "engine; drop --deepspeed or --fsdp (engine='torch')"
         )
-    if dims.mesh is not None:
-        return
-    if not dist.is_initialized():
-        from ..launch import free_port
-
-        for name, value in (
-            ("RANK", "0"),
-            ("LOCAL_RANK", "0"),
-            ("WORLD_SIZE", "1"),
-            ("MASTER_ADDR", "127.0.0.1"),
-        ):
-            os.environ.setdefault(name, value)
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    dims.start_process_group()
+    dims.ensure_process_group()
 
 
 def shard_mesh(dims: ParallelDims) -> Any:

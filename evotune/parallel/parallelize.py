@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -226,20 +225,8 @@ def _start_deepspeed(dims: ParallelDims) -> None:
     for one process; a one-rank group on this machine needs no launcher.
     """
     import deepspeed
-    import torch.distributed as dist
 
-    if not dims.is_distributed and not dist.is_initialized():
-        from ..launch import free_port
-
-        for name, value in (
-            ("RANK", "0"),
-            ("LOCAL_RANK", "0"),
-            ("WORLD_SIZE", "1"),
-            ("MASTER_ADDR", "127.0.0.1"),
-        ):
-            os.environ.setdefault(name, value)
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dims.start_process_group()
+    dims.ensure_process_group()
     deepspeed.init_distributed(dist_backend="nccl" if dims.device.type == "cuda" else "gloo")
 
 
