@@ -164,7 +164,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                     continue
                 grad = log_probs.exp_()  # softmax, in place of the log-probabilities
                 grad.scatter_add_(1, targets, torch.full_like(picked, -1.0).unsqueeze(1))
-                grad.masked_fill_(ignored.unsqueeze(1), 0.0)
+                if not skip_ignored:  # selected rows all have a target
+                    grad.masked_fill_(ignored.unsqueeze(1), 0.0)
                 grad = chain(grad)
                 grad_c = grad.to(dtype)
                 if grad_hidden is not None:
