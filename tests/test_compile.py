@@ -218,3 +218,36 @@ def test_cli_compile_with_checkpointing_and_sequence_parallel_matches_eager(tmp_
     torch.testing.assert_close(
         torch.tensor(results["compiled"]), torch.tensor(results["eager"]), **EXACT
     )
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "name, settings, extra",
+    [
+        ("fsdp_every_2", {"engine": "fsdp2", "activation_checkpointing_every": 2}, []),
+        (
+            "zero3_save_matmuls",
+            {"activation_checkpointing_policy": "save_matmuls"},
+            ["--deepspeed", "deepspeed_zero3"],
+        ),
+    ],
+)
+def test_selective_checkpointing_under_sharded_engines(tmp_path, name, settings, extra):
+    """Per-layer checkpointing under FSDP2's and ZeRO-3's hooks: the losses of no checkpointing."""
+    from runner import losses, run_train
+
+    model = save_tiny_llama(tmp_path / "model", num_hidden_layers=4)
+    data = write_corpus(tmp_path / "data", samples=60)
+    common = dict(total_steps=3, accumulative_counts=1)
+    engine = {key: value for key, value in settings.items() if key == "engine"}
+    plain = write_config(tmp_path / "plain.py", model, data, **engine, **common)
+    checkpointed = write_config(
+        tmp_path / f"{name}.py", model, data, gradient_checkpointing=True, **settings, **common
+    )
+    for config, work in ((plain, "plain"), (checkpointed, name)):
+        result = run_train(config, tmp_path / work, *extra, nproc=2)
+        assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(
+        torch.tensor(losses(tmp_path / name)), torch.tensor(losses(tmp_path / "plain")), **EXACT
+    )
+    assert "activation-checkpointed:" in (tmp_path / name / "train.log").read_text()
