@@ -27,7 +27,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from evotune.model.attention import AttentionMetadata, attention_name, register_attention
-from evotune.model.loss import checkpointed_cross_entropy_sum, fused_cross_entropy_sum
+from evotune.model.loss import checkpointed_cross_entropy, fused_cross_entropy_sum
 
 
 def packed_row(tokens: int, vocab: int, masked_fraction: float, seed: int = 0):
@@ -95,7 +95,7 @@ def loss_only(args: argparse.Namespace, labels: torch.Tensor) -> dict[str, objec
         rounds(
             {
                 "checkpointed": run(
-                    lambda: checkpointed_cross_entropy_sum(hidden, head, labels, args.chunk)
+                    lambda: checkpointed_cross_entropy(hidden, head, labels, args.chunk)[0]
                 ),
                 "fused_all_rows": run(
                     lambda: fused_cross_entropy_sum(
@@ -139,7 +139,7 @@ def whole_step(args: argparse.Namespace, ids, labels, positions, bounds) -> dict
                 attention_metadata=metadata,
             ).last_hidden_state[0]
             if loss_path == "checkpointed":
-                loss = checkpointed_cross_entropy_sum(hidden, model.lm_head, labels, args.chunk)
+                loss = checkpointed_cross_entropy(hidden, model.lm_head, labels, args.chunk)[0]
             else:
                 loss = fused_cross_entropy_sum(hidden, model.lm_head.weight, labels, args.chunk)
             loss.backward()
