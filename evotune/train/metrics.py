@@ -61,14 +61,24 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def transformer_flops(
-    config: Any, segment_lengths: list[int], activation_checkpointing: bool = False
-) -> float:
+def recomputed_fraction(settings: Any, num_layers: int) -> float:
+    """Share of the decoder's forward FLOPs that activation checkpointing runs again.
+
+    Every k-th layer is checkpointed (ceil(L/k) of L); the 'save_matmuls' policy keeps
+    matmul outputs, so it recomputes (almost) no FLOPs.
+    """
+    if not settings.gradient_checkpointing or settings.activation_checkpointing_policy != "full":
+        return 0.0
+    every = settings.activation_checkpointing_every
+    return -(-num_layers // every) / num_layers
+
+
+def transformer_flops(config: Any, segment_lengths: list[int], recomputed: float = 0.0) -> float:
     """Training FLOPs of one packed row for a Llama-style decoder.
 
     Linear layers: 2 FLOPs per weight per token with the real K/V width (GQA).
     Attention: causal work of each segment alone, 2 matmuls of 2*h*L(L+1)/2.
-    Backward = 2x forward; activation checkpointing adds one more forward.
+    Backward = 2x forward; ``recomputed`` adds that share of one more forward (HFU).
     """
     hidden = config.hidden_size
     layers = config.num_hidden_layers
@@ -84,7 +94,7 @@ def transformer_flops(
     causal_pairs = sum(length * (length + 1) // 2 for length in segment_lengths)
     attention = layers * 2 * (2 * q_width * causal_pairs)
     forward = linear + attention
-    return forward * (4 if activation_checkpointing else 3)
+    return forward * (3 + recomputed)
 
 
 class MetricsLog:
@@ -121,7 +131,7 @@ class RunLogger:
         total_steps: int,
         start_step: int,
         log_interval: int,
-        activation_checkpointing: bool,
+        recomputed: float,
         show_progress: bool,
         reporters: Reporters | None = None,
     ):
@@ -130,7 +140,7 @@ class RunLogger:
         self.model_config = model_config
         self.total_steps = total_steps
         self.log_interval = log_interval
-        self.activation_checkpointing = activation_checkpointing
+        self.recomputed = recomputed  # share of the forward run again (HFU counts it)
         self.peak_flops = peak_flops(dims.device)
         self.jsonl = MetricsLog(work_dir / "metrics.jsonl" if dims.is_main else None)
         self.recent_losses: deque[float] = deque(maxlen=log_interval)
@@ -168,7 +178,7 @@ class RunLogger:
             transformer_flops(self.model_config, lengths) for lengths in segment_lengths
         )
         hardware_flops = sum(
-            transformer_flops(self.model_config, lengths, self.activation_checkpointing)
+            transformer_flops(self.model_config, lengths, self.recomputed)
             for lengths in segment_lengths
         )
         tflops = model_flops / elapsed / 1e12 / sp  # an SP group shares each row's work

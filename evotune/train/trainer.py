@@ -37,7 +37,7 @@ from .evaluation import TypeLosses, Validation
 from .faults import FaultInjectingEngine, Faults
 from .generation import SampleGenerations
 from .loss_policy import LossPolicy
-from .metrics import RunLogger, log_start_banner
+from .metrics import RunLogger, log_start_banner, recomputed_fraction
 from .reporters import Reporters, resolve_report_to
 from .state import DataPosition, TrainingError, TrainState
 from .stopping import Preempted, StopRequest
@@ -146,7 +146,7 @@ class Trainer:
             self.total_steps,
             self.state.step,
             s.log_interval,
-            s.gradient_checkpointing,
+            recomputed_fraction(s, self.model.config.num_hidden_layers),
             self.show_progress,
             Reporters.build(s, self.work_dir, self.dims.is_main, self.state.step),
         )
