@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -38,6 +39,21 @@ def run_cli(
     )
 
 
+def _train_call(
+    config: Path, work_dir: Path, args: tuple[str, ...], nproc: int, env: dict[str, str] | None
+) -> tuple[list[str], dict[str, str]]:
+    """``evotune train`` as a user types it, in an environment free of an outer torchrun."""
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    environ.update({"NPROC_PER_NODE": str(nproc), "PORT": str(free_port()), "OMP_NUM_THREADS": "1"})
+    environ.update(env or {})
+    command = [sys.executable, "-m", "evotune.cli", "train", str(config)]
+    return [*command, "--work-dir", str(work_dir), "--no-progress", *args], environ
+
+
 def run_train(
     config: Path,
     work_dir: Path,
@@ -46,30 +62,21 @@ def run_train(
     env: dict[str, str] | None = None,
     timeout: int = 300,
 ) -> subprocess.CompletedProcess:
-    environ = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    }
-    environ.update({"NPROC_PER_NODE": str(nproc), "PORT": str(free_port()), "OMP_NUM_THREADS": "1"})
-    environ.update(env or {})
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "evotune.cli",
-            "train",
-            str(config),
-            "--work-dir",
-            str(work_dir),
-            "--no-progress",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        env=environ,
-        timeout=timeout,
-    )
+    command, environ = _train_call(config, work_dir, args, nproc, env)
+    return subprocess.run(command, capture_output=True, text=True, env=environ, timeout=timeout)
+
+
+def start_train(
+    config: Path,
+    work_dir: Path,
+    *args: str,
+    nproc: int = 1,
+    env: dict[str, str] | None = None,
+    **popen: Any,
+) -> subprocess.Popen:
+    """The same run in the background (to signal, stop or kill it mid-training)."""
+    command, environ = _train_call(config, work_dir, args, nproc, env)
+    return subprocess.Popen(command, env=environ, **popen)
 
 
 def losses(work_dir: Path) -> list[float]:

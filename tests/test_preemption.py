@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from ftdp_factory import write_shard
-from runner import final_weights, free_port, records, run_train
+from runner import final_weights, records, run_train, start_train
 from tiny import save_tiny_llama, write_config, write_corpus
 
 from evotune.train.checkpoint import complete_checkpoints
@@ -38,17 +36,10 @@ def setup(tmp_path_factory):
 
 
 def _start(config: Path, work: Path, *args: str, nproc: int = 1, env: dict | None = None):
-    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    environ.update(NPROC_PER_NODE=str(nproc), PORT=str(free_port()), OMP_NUM_THREADS="1")
-    environ.update(env or {})
-    command = [sys.executable, "-m", "evotune.cli", "train", str(config), "--work-dir", str(work)]
-    return subprocess.Popen(
-        [*command, "--no-progress", *args],
-        env=environ,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    return start_train(
+        config, work, *args, nproc=nproc, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
-    )
+    )  # fmt: skip
 
 
 def _wait_for_steps(work: Path, steps: int, process: subprocess.Popen, timeout: float = 240):

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from runner import run_cli, run_train
+from runner import run_cli, run_train, start_train
 from tiny import save_tiny_llama, write_config, write_corpus
 
 from evotune.errors import ConfigError
@@ -269,23 +269,12 @@ def test_report_and_plot_while_training(tiny, tmp_path):
     root, model, data = tiny
     config = write_config(root / "long.py", model, data, total_steps=10_000, save_steps=3)
     work = tmp_path / "running"
-    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    environ.update(NPROC_PER_NODE="1", OMP_NUM_THREADS="1")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "evotune.cli",
-            "train",
-            str(config),
-            "--work-dir",
-            str(work),
-            "--no-progress",
-        ],
-        env=environ,
+    process = start_train(
+        config,
+        work,
+        start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
     )
     try:
         deadline = time.time() + 180

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import time
 import psutil
 import pytest
 import torch
-from runner import final_weights, free_port, records, run_train
+from runner import final_weights, records, run_train, start_train
 from safetensors.torch import load_file
 from tiny import save_tiny_llama, write_config, write_corpus
 
@@ -88,20 +87,10 @@ def test_kill9_then_resume_auto_is_bit_identical(setup, straight, tmp_path, npro
     )
     work = tmp_path / "killed"
     kill_after = random.Random(nproc).randint(3, STEPS - 1)  # a save (every 2 steps) came first
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(NPROC_PER_NODE=str(nproc), PORT=str(free_port()), OMP_NUM_THREADS="1")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "evotune.cli",
-            "train",
-            str(config),
-            "--work-dir",
-            str(work),
-            "--no-progress",
-        ],
-        env=env,
+    process = start_train(
+        config,
+        work,
+        nproc=nproc,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
