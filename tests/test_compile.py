@@ -22,8 +22,9 @@ from transformers import LlamaForCausalLM
 from evotune.config.validate import validate
 from evotune.errors import ConfigError
 from evotune.model.attention import attention_name, register_attention
+from evotune.model.layers import decoder_layers
 from evotune.model.loss import packed_loss
-from evotune.parallel.parallelize import decoder_layers, prepare_decoder_layers
+from evotune.parallel.parallelize import prepare_decoder_layers
 
 EXACT = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -137,7 +138,9 @@ def test_layer_settings_are_checked():
         _settings(activation_checkpointing_every=2)
     with pytest.raises(ConfigError, match="activation_checkpointing_policy: applies with"):
         _settings(activation_checkpointing_policy="save_matmuls")
-    with pytest.raises(ConfigError, match="compile: regional compilation is tested with"):
+    with pytest.raises(
+        ConfigError, match="compile: regional compilation runs with the torch engine and FSDP2"
+    ):
         _settings(compile=True, deepspeed="deepspeed_zero2")
     with pytest.raises(ConfigError, match="'save_matmuls' does not compose with compile"):
         _settings(
@@ -199,6 +202,7 @@ def _row_of(segments):
 
 @pytest.mark.integration
 def test_cli_compile_with_checkpointing_and_sequence_parallel_matches_eager(tmp_path):
+    """Compiled layers under DDP and under FSDP2's hooks, both with SP=2 and checkpointing."""
     from runner import losses, run_train
 
     model = save_tiny_llama(tmp_path / "model")
@@ -209,15 +213,20 @@ def test_cli_compile_with_checkpointing_and_sequence_parallel_matches_eager(tmp_
         tmp_path / "compiled.py", model, data, sequence_parallel_size=2, compile=True, **common
     )
     results = {}
-    for name, config in (("eager", eager), ("compiled", compiled)):
-        result = run_train(config, tmp_path / name, nproc=2, timeout=900)
+    runs = (("eager", eager, ()), ("compiled", compiled, ()), ("fsdp2", compiled, ("--fsdp",)))
+    for name, config, extra in runs:
+        logs = {"TORCH_LOGS": "recompiles"}
+        result = run_train(config, tmp_path / name, *extra, nproc=2, env=logs, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
         results[name] = losses(tmp_path / name)
-    log = (tmp_path / "compiled" / "train.log").read_text()
-    assert "decoder layers: 2, compiled: all, activation-checkpointed: 2 (full)" in log
-    torch.testing.assert_close(
-        torch.tensor(results["compiled"]), torch.tensor(results["eager"]), **EXACT
-    )
+        # the attention stays outside the graphs: no guard on a row's segments
+        assert "attention_metadata" not in result.stderr, name
+    for name in ("compiled", "fsdp2"):
+        log = (tmp_path / name / "train.log").read_text()
+        assert "decoder layers: 2, compiled: all, activation-checkpointed: 2 (full)" in log
+        torch.testing.assert_close(
+            torch.tensor(results[name]), torch.tensor(results["eager"]), **EXACT, msg=name
+        )
 
 
 @pytest.mark.integration

@@ -5,8 +5,9 @@ process: per-step losses and pre-clip gradient norms within 1e-5 relative, final
 weights within 2e-5 absolute (fp32 sums reduced in another order differ by a few
 ulps per step), for FSDP2 over 2 data-parallel ranks, and for SP=2 (one
 data-parallel rank of two SP ranks) with activation checkpointing and CPU offload
-composed in one run (every part must be exact for it to match). Resuming is in
-test_elastic_resume.py.
+composed in one run (every part must be exact for it to match). The model ties its
+LM head to the embeddings: the meta-device build, the weights sent from rank 0 and
+the streamed HF folder must all keep the tie. Resuming is in test_elastic_resume.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    model = save_tiny_llama(root / "model")
+    model = save_tiny_llama(root / "model", tie_word_embeddings=True)  # a tied LM head
     data = write_corpus(root / "data", shards=3, samples=60)
     return root, model, data
 
@@ -69,6 +70,8 @@ def test_two_processes_match_one(setup, single):
     result = run_train(config, root / "fsdp2", "--fsdp", nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "layout: world 2 = dp 2 x sp 1; engine fsdp2" in result.stderr
+    # built on the meta device and sharded before any weight was read; rank 0 sent them
+    assert "fsdp2: model sharded on the meta device" in result.stderr
     _compare(single, root / "fsdp2")
     # every rank wrote its own shards; nothing of the resume state was gathered
     saved = complete_checkpoints(root / "fsdp2")[-1] / "fsdp"
@@ -104,13 +107,3 @@ def test_fsdp_and_deepspeed_together_are_refused():
     settings = TrainConfig(engine="fsdp2", deepspeed="deepspeed_zero3")
     with pytest.raises(ConfigError, match="drop --deepspeed or --fsdp"):
         prepare_fsdp(settings, ParallelDims())
-
-
-def test_decoder_layers_are_the_no_split_modules():
-    from tiny import tiny_llama_config
-    from transformers import LlamaForCausalLM
-
-    from evotune.parallel.fsdp_engine import decoder_layers
-
-    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=3))
-    assert decoder_layers(model) == list(model.model.layers)

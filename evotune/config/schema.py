@@ -93,7 +93,7 @@ class TrainConfig:
     """With gradient_checkpointing: 'full' recomputes a checkpointed layer; 'save_matmuls' keeps
     its matmul and attention outputs and recomputes only norms, activations and rotary."""
     compile: bool = False
-    """torch.compile each decoder layer (regional compilation, torch engine): packed rows of
+    """torch.compile each decoder layer (regional compilation; torch and FSDP2 engines): rows of
     fixed length keep shapes static; attention stays the eager varlen kernel; the first step
     pays the compile time. Evaluation and generations run the layers eagerly."""
 

@@ -549,9 +549,18 @@ def _make_attention(kernel_name: str) -> Callable[..., tuple[torch.Tensor, None]
 
 
 def register_attention() -> None:
-    """Register evotune's varlen functions with transformers (idempotent)."""
+    """Register evotune's varlen functions with transformers (idempotent).
+
+    A registration already made is kept: regional compilation replaces it with a
+    wrapper that stays outside the compiled graphs, and a later model load (FSDP2
+    loads the weights separately from the model it shards) must not undo that.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     for kernel_name in KERNEL_FUNCTIONS:
-        AttentionInterface.register(attention_name(kernel_name), _make_attention(kernel_name))
+        name = attention_name(kernel_name)
+        if name not in ALL_ATTENTION_FUNCTIONS:
+            AttentionInterface.register(name, _make_attention(kernel_name))
 
 
 __all__ = [

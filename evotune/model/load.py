@@ -139,6 +139,7 @@ def load_model(
     *,
     allow_unverified_model: bool = False,
     compute_dtype: torch.dtype | None = None,
+    placement: str | None = None,
 ) -> PreTrainedModel:
     """from_pretrained with evotune's varlen attention, no KV cache, optional checkpointing.
 
@@ -146,7 +147,10 @@ def load_model(
     engine keeps its own master copy); ``compute_dtype`` is the dtype activations
     reach attention in (bfloat16 under autocast), which decides whether the flash
     kernels can run. ``allow_unverified_model`` trains a model type that is not in
-    evotune.model.families.FAMILIES, with a warning.
+    evotune.model.families.FAMILIES, with a warning. ``placement`` puts the model
+    somewhere else than the ``device`` it will train on (which chooses the attention
+    kernel): "cpu", or "meta" for the structure without reading any weight (an engine
+    that shards first and fills in the weights afterwards).
     """
     check_model_source(name_or_path)
     register_attention()
@@ -162,7 +166,12 @@ def load_model(
     implementation = attention_name(kernel)
     model: Any
     try:
-        if weights is not None:
+        if placement == "meta":
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(
+                    config, dtype=dtype, attn_implementation=implementation
+                )
+        elif weights is not None:
             model = LlamaForCausalLM.from_pretrained(
                 None,
                 config=config,
@@ -185,4 +194,4 @@ def load_model(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     # from_pretrained returns eval mode, where activation checkpointing is inactive
-    return model.to(device).train()
+    return model.to(placement or device).train()

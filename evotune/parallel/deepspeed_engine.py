@@ -9,6 +9,7 @@ fp32 master weights and optimizer state, partitioned across data-parallel ranks.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,10 @@ from transformers import PreTrainedModel
 
 from ..config import ConfigError, TrainConfig
 from ..data.collate import PackedBatch
+from ..model.layers import weight_groups
 from ..model.loss import PackedLoss
 from .dims import ParallelDims
-from .engine import EngineBase, PackedLossModule, optimizer_param_groups
+from .engine import EngineBase, PackedLossModule, host_copies, optimizer_param_groups
 from .sequence import SequenceParallel
 
 PRESETS = (
@@ -168,27 +170,20 @@ class DeepSpeedEngine(EngineBase):
         norm = float(norm) if norm is not None else float("nan")
         return norm, self.engine.was_step_applied()
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full weights on the main rank's CPU; collective on every rank.
-
-        Under ZeRO-3 one parameter is gathered at a time and copied to the main rank's
-        host memory, so no device ever holds the whole model at once.
-        """
+    def hf_weight_groups(self, dtype: torch.dtype) -> Iterator[dict[str, torch.Tensor]]:
+        """Under ZeRO-3 one decoder layer's parameters are gathered at a time and copied
+        to the main rank's host memory; no device ever holds the whole model."""
         if self.stage < 3:
-            return self.model.state_dict() if self.dims.is_main else None
+            for group in weight_groups(self.model):
+                yield host_copies(group, dtype) if self.dims.is_main else {}
+            return
         import deepspeed
 
-        weights: dict[str, torch.Tensor] = {}
-        for name, parameter in self.model.named_parameters():
-            with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
-                if self.dims.is_main:
-                    weights[name] = parameter.detach().to("cpu", copy=True)
-        if not self.dims.is_main:
-            return None
-        for name, buffer in self.model.named_buffers():
-            weights.setdefault(name, buffer.detach().to("cpu", copy=True))
-        persistent = self.model.state_dict(keep_vars=True).keys()
-        return {name: tensor for name, tensor in weights.items() if name in persistent}
+        for group in weight_groups(self.model):
+            partitioned = [tensor for tensor in group.values() if hasattr(tensor, "ds_id")]
+            with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+                copies = host_copies(group, dtype) if self.dims.is_main else {}
+            yield copies
 
     def save_state(self, folder: Path, weights_saved_exactly: bool) -> None:
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)

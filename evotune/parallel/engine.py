@@ -34,7 +34,9 @@ from transformers import PreTrainedModel
 
 from ..data.collate import PackedBatch
 from ..errors import ConfigError
+from ..model.layers import weight_groups
 from ..model.loss import PackedLoss, packed_loss
+from ..train.hf_folder import read_hf_weights
 from .dims import ParallelDims
 from .sequence import SequenceParallel
 
@@ -98,11 +100,20 @@ class Engine(Protocol):
     def update(self, lr: float, max_norm: float, loss_is_finite: bool) -> tuple[float, bool]:
         """Clip and apply the accumulated gradients; returns (pre-clip norm, applied)."""
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full model weights on the main rank (None elsewhere); collective."""
+    def hf_weight_groups(self, dtype: torch.dtype) -> Iterator[dict[str, torch.Tensor]]:
+        """The full weights in ``dtype`` on the main rank's CPU, a decoder layer at a time.
+
+        Groups as model/layers.weight_groups; other ranks get empty groups. Collective:
+        every rank consumes the whole iterator, so no rank holds more than one layer
+        beyond its own shards.
+        """
 
     def save_state(self, folder: Path, weights_saved_exactly: bool) -> None:
-        """Everything an exact resume needs beyond the HF folder; collective."""
+        """Everything an exact resume needs beyond the HF folder; collective.
+
+        ``weights_saved_exactly`` (meaningful on the main rank): the HF folder holds
+        the parameters bit for bit under their in-memory names.
+        """
 
     def load_state(self, folder: Path) -> None: ...
 
@@ -277,8 +288,9 @@ class TorchEngine(EngineBase):
         if self.masters is not None:
             torch._foreach_copy_(tuple(self.master_params), tuple(self.masters))
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
-        return self.model.state_dict() if self.dims.is_main else None
+    def hf_weight_groups(self, dtype: torch.dtype) -> Iterator[dict[str, torch.Tensor]]:
+        for group in weight_groups(self.model):
+            yield host_copies(group, dtype) if self.dims.is_main else {}
 
     def _weights_to_save(self) -> dict[str, torch.Tensor]:
         """The model's state with fp32 masters in place of bf16 parameters; tied names once."""
@@ -307,8 +319,11 @@ class TorchEngine(EngineBase):
 
     def load_state(self, folder: Path) -> None:
         master = folder / "master_weights.safetensors"
-        weights_file = master if master.exists() else folder / "hf" / "model.safetensors"
-        weights = _load_named(weights_file, lambda path: load_file(str(path)))
+        weights_file = master if master.exists() else folder / "hf"
+        weights = _load_named(
+            weights_file,
+            lambda path: load_file(str(path)) if path.is_file() else read_hf_weights(path),
+        )
         # load_state_dict copies into each tensor in its own dtype
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
@@ -327,6 +342,12 @@ class TorchEngine(EngineBase):
             folder / "optimizer.pt", lambda path: torch.load(path, weights_only=True)
         )
         self.optimizer.load_state_dict(state)
+
+
+@torch.no_grad()
+def host_copies(group: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Detached copies in ``dtype`` on the CPU (cast first: less to move off the device)."""
+    return {name: tensor.detach().to(dtype).to("cpu") for name, tensor in group.items()}
 
 
 def _register_reduce_dtype(

@@ -16,9 +16,14 @@ Design, and why:
 * **Reduce every micro-batch.** Each backward reduce-scatters into sharded fp32
   gradients that accumulate over the step's micro-batches, so no rank ever keeps
   unsharded gradients (``sync`` is not needed); one reduce-scatter per micro-batch.
-* **Order.** The model is loaded with HF activation checkpointing already applied
-  (model/load.py), then ``fully_shard`` goes bottom-up: every decoder layer
-  (the classes in the model's ``_no_split_modules``), then the root, which is the
+* **Loading.** Every rank builds the model on the meta device (no memory, no
+  weights read), shards it, allocates only its own shards, and receives them tensor
+  by tensor from the main rank, the one process that reads the checkpoint (into host
+  memory). No device ever holds the whole model, and a node's host memory holds it
+  once, not once per rank.
+* **Order.** The model is built with HF activation checkpointing (or evotune's
+  per-layer checkpointing and compilation) already applied, then ``fully_shard``
+  goes bottom-up: every decoder layer (model/layers.py), then the root, which is the
   PackedLossModule wrapper: packed_loss calls the base model and the LM head
   directly, so the root's own parameters (embeddings, final norm, LM head) must
   be gathered by the wrapper's forward hook. Recomputation re-enters a layer's
@@ -32,22 +37,25 @@ Design, and why:
   writes its own shards of the model and optimizer state, and loading reshards
   them to the current world size, which makes elastic resume possible
   (data/sampler.py re-splits the data). The HF folder is gathered one parameter
-  at a time onto rank 0's CPU; no device ever holds more than one full parameter.
+  at a time and streamed to disk on rank 0 a decoder layer at a time
+  (train/hf_folder.py): no device holds more than one full parameter, and rank 0's
+  host memory at most one safetensors shard.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 
 from ..config import TrainConfig
 from ..data.collate import PackedBatch
 from ..errors import ConfigError
+from ..model.layers import decoder_layers, weight_groups
 from ..model.loss import PackedLoss
 from .dims import ParallelDims
 from .engine import EngineBase, PackedLossModule, optimizer_param_groups
@@ -74,12 +82,6 @@ def shard_mesh(dims: ParallelDims) -> Any:
     return dims.mesh._flatten(SHARD_MESH_NAME)
 
 
-def decoder_layers(model: PreTrainedModel) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: HF's ``_no_split_modules`` classes."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [module for module in model.modules() if type(module).__name__ in names]
-
-
 class FSDP2Engine(EngineBase):
     """Fully sharded data parallel (FSDP2) over all ranks; resumable on another layout."""
 
@@ -92,7 +94,11 @@ class FSDP2Engine(EngineBase):
         dims: ParallelDims,
         settings: TrainConfig,
         sequence_parallel: SequenceParallel | None = None,
+        weights: PreTrainedModel | None = None,
     ):
+        """``model`` may be a meta-device skeleton (parallelize.build_engine loads it so):
+        it is sharded first, then ``weights``, the main rank's full model in host memory
+        (None on the other ranks), fills in every rank's shards."""
         from torch.distributed.fsdp import (
             CPUOffloadPolicy,
             FSDPModule,
@@ -128,12 +134,47 @@ class FSDP2Engine(EngineBase):
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
+        if any(parameter.is_meta for parameter in model.parameters()):
+            self._fill_shards_from_main_rank(weights)
         self.optimizer = torch.optim.AdamW(
             optimizer_param_groups(model, settings.weight_decay, settings.weight_decay_scope),
             lr=settings.lr,
             betas=settings.betas,
             eps=settings.eps,
         )
+
+    def _fill_shards_from_main_rank(self, source: PreTrainedModel | None) -> None:
+        """Allocate this rank's shards and receive them, tensor by tensor, from ``source``.
+
+        No device ever holds the whole model, and only the main rank's host memory does
+        (once per job, not once per rank). Buffers are not sharded: each rank receives
+        them whole, the non-persistent ones (rotary frequencies) included.
+        """
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        if self.dims.is_main and source is None:
+            raise ValueError("the main rank must pass the full weights of a meta-device model")
+        self.model.to_empty(device="cpu" if self.offload else self.dims.device)
+        full = source.state_dict() if source is not None else {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        result = set_model_state_dict(self.model, full, options=options)
+        if result.missing_keys or result.unexpected_keys:
+            raise ConfigError(
+                f"the loaded weights do not fit the model (missing {result.missing_keys[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]})"
+            )
+        source_buffers = dict(source.named_buffers()) if source is not None else {}
+        for qualified, buffer in list(self.model.named_buffers()):
+            owner, _, attribute = qualified.rpartition(".")
+            received = buffer.to(self.dims.device)  # offloading moves parameters only
+            if source is not None:
+                received.copy_(source_buffers[qualified])
+            dist.broadcast(received, src=0)
+            self.model.get_submodule(owner)._buffers[attribute] = received
 
     def forward_backward(
         self, batch: PackedBatch, weight: float, aux_weight: float, sync: bool
@@ -163,17 +204,30 @@ class FSDP2Engine(EngineBase):
         self.optimizer.zero_grad(set_to_none=True)
         return norm, applied
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full weights on rank 0's CPU, gathered parameter by parameter; collective."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
+    @torch.no_grad()
+    def hf_weight_groups(self, dtype: torch.dtype) -> Iterator[dict[str, torch.Tensor]]:
+        """Each parameter all-gathered in ``dtype`` on the device, one at a time, and
+        copied to the main rank's CPU; the main rank hands over a decoder layer at a time."""
+        from torch.distributed.tensor import DTensor
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        # a full state dict holds plain CPU tensors (no DTensors, no nested states)
-        weights = cast(dict[str, torch.Tensor], get_model_state_dict(self.model, options=options))
-        return weights if self.dims.is_main else None
+        for group in weight_groups(self.model):
+            copies: dict[str, torch.Tensor] = {}
+            for name, tensor in group.items():
+                full = tensor.detach().to(dtype)
+                if isinstance(full, DTensor):
+                    local = full.to_local()
+                    if local.device != self.dims.device:  # offloaded: gather on the device
+                        full = DTensor.from_local(
+                            local.to(self.dims.device),
+                            full.device_mesh,
+                            full.placements,
+                            shape=full.shape,
+                            stride=full.stride(),
+                        )
+                    full = full.full_tensor()
+                if self.dims.is_main:
+                    copies[name] = full.to("cpu")
+            yield copies
 
     def _sharded_state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict

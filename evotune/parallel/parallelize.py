@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..config import DTYPES, TrainConfig
+from ..model.layers import decoder_layers
 from ..model.load import load_model
 from .dims import ParallelDims
 from .engine import Engine, TorchEngine
@@ -38,8 +39,10 @@ def build_engine(settings: TrainConfig, dims: ParallelDims) -> tuple[PreTrainedM
         from .fsdp_engine import FSDP2Engine, prepare_fsdp
 
         prepare_fsdp(s, dims)
-        model = _load(s, dims)
-        return model, FSDP2Engine(model, dims, s, sequence_parallel)
+        model = _load(s, dims, placement="meta")  # sharded before any weight is read
+        weights = _load_weights_on_host(s, dims) if dims.is_main else None
+        logger.info("fsdp2: model sharded on the meta device, weights sent from rank 0's host")
+        return model, FSDP2Engine(model, dims, s, sequence_parallel, weights)
     if s.deepspeed is None:
         model = _load(s, dims)  # fp32: the engine turns it into bf16 params + fp32 masters
         autocast = s.dtype != "float32" and s.mixed_precision == "autocast"
@@ -68,7 +71,19 @@ def build_engine(settings: TrainConfig, dims: ParallelDims) -> tuple[PreTrainedM
     return model, DeepSpeedEngine(model, dims, ds_config, s, sequence_parallel)
 
 
-def _load(s: TrainConfig, dims: ParallelDims) -> PreTrainedModel:
+def _load_weights_on_host(s: TrainConfig, dims: ParallelDims) -> PreTrainedModel:
+    """The full model in host memory, the source an FSDP2 engine shards from."""
+    return load_model(
+        s.pretrained_model_name_or_path,
+        s.attn_implementation,
+        dims.device,
+        allow_unverified_model=s.allow_unverified_model,
+        compute_dtype=TORCH_DTYPES[s.dtype],
+        placement="cpu",
+    )
+
+
+def _load(s: TrainConfig, dims: ParallelDims, placement: str | None = None) -> PreTrainedModel:
     selective = (
         s.compile
         or s.activation_checkpointing_every != 1
@@ -81,6 +96,7 @@ def _load(s: TrainConfig, dims: ParallelDims) -> PreTrainedModel:
         s.gradient_checkpointing and not selective,  # HF's own: every layer, full recompute
         allow_unverified_model=s.allow_unverified_model,
         compute_dtype=TORCH_DTYPES[s.dtype],
+        placement=placement,
     )
     config = model.config
     check_heads(
@@ -99,18 +115,6 @@ def _load(s: TrainConfig, dims: ParallelDims) -> PreTrainedModel:
 
 
 # -- per decoder layer: activation checkpointing (every k-th, selective) and regional compile --
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks, in order: HF's checkpointable layers (GradientCheckpointingLayer)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers: list[torch.nn.Module] = []
-    for module in model.modules():
-        inside = any(module in set(layer.modules()) for layer in layers)
-        if isinstance(module, GradientCheckpointingLayer) and not inside:
-            layers.append(module)
-    return layers
 
 
 def _saves_matmuls_and_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:

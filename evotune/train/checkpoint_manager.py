@@ -25,6 +25,7 @@ from ..parallel.dims import ParallelDims
 from ..parallel.engine import Engine
 from ..parallel.parallelize import TORCH_DTYPES
 from . import checkpoint as ckpt
+from .hf_folder import write_hf_folder
 from .state import TrainState
 
 logger = logging.getLogger("evotune")
@@ -86,10 +87,8 @@ class CheckpointManager:
         if dims.is_main:
             ckpt.prepare_folder(temporary)
         dims.barrier()
-        weights = self.engine.hf_state_dict()
-        if dims.is_main:
-            self._write_hf_folder(temporary / "hf", weights)
-        self.engine.save_state(temporary, weights_saved_exactly=self.save_dtype == torch.float32)
+        weights_saved_exactly = self._write_hf_folder(temporary / "hf")
+        self.engine.save_state(temporary, weights_saved_exactly)
         dims.barrier()
         path = self.work_dir / ckpt.checkpoint_name(step)
         if dims.is_main:
@@ -108,13 +107,21 @@ class CheckpointManager:
         dims.barrier()
         return path
 
-    def _write_hf_folder(self, folder: Path, weights: dict[str, torch.Tensor] | None) -> None:
-        assert weights is not None, "the main rank holds the full weights"
-        cast = {k: v.detach().to(self.save_dtype).contiguous() for k, v in weights.items()}
-        self.model.save_pretrained(folder, state_dict=cast)
+    def _write_hf_folder(self, folder: Path) -> bool:
+        """Stream the weights into ``folder`` on the main rank (collective).
+
+        Returns whether it holds every parameter bit for bit under its in-memory name.
+        """
+        groups = self.engine.hf_weight_groups(self.save_dtype)
+        if not self.dims.is_main:
+            for _ in groups:  # take part in each gather
+                pass
+            return False
+        writer = write_hf_folder(folder, self.model, groups, self.save_dtype)
         _portable_config(folder)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
+        return self.save_dtype == torch.float32 and not writer.renamed
 
     def resume(self, path: Path) -> TrainState:
         """Check that ``path`` belongs to this run, then restore engine, RNG, sampler and state.
