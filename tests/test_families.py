@@ -305,6 +305,20 @@ def test_every_verified_family_is_tested():
     assert set(FAMILIES) <= set(CASES)
 
 
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_family_builds_on_the_meta_device(model_type):
+    """FSDP2 builds on meta and fills in parameters and buffers: nothing else may hold data."""
+    from evotune.parallel.fsdp_engine import tensors_outside_the_state
+
+    config = AutoConfig.for_model(model_type, **{**COMMON, **CASES[model_type]})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert tensors_outside_the_state(model) == []
+    if model_type == "llama":  # the check itself finds such a tensor
+        model.model.stray = torch.empty(2, device="meta")
+        assert tensors_outside_the_state(model) == ["model.stray"]
+
+
 @pytest.mark.parametrize(
     "model_type, settings, missing",
     [

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from ..config import TrainConfig
@@ -80,6 +81,16 @@ def shard_mesh(dims: ParallelDims) -> Any:
     """The 1-D mesh of every rank, flattened from the ("dp", "sp") mesh."""
     assert dims.mesh is not None, "prepare_fsdp first"
     return dims.mesh._flatten(SHARD_MESH_NAME)
+
+
+def tensors_outside_the_state(model: nn.Module) -> list[str]:
+    """Tensor attributes of modules that are neither parameters nor buffers, on meta."""
+    return [
+        f"{name}.{key}" if name else key
+        for name, module in model.named_modules()
+        for key, value in vars(module).items()
+        if isinstance(value, torch.Tensor) and value.is_meta
+    ]
 
 
 class FSDP2Engine(EngineBase):
@@ -175,6 +186,13 @@ class FSDP2Engine(EngineBase):
                 received.copy_(source_buffers[qualified])
             dist.broadcast(received, src=0)
             self.model.get_submodule(owner)._buffers[attribute] = received
+        left = tensors_outside_the_state(self.model)
+        if left:
+            raise ConfigError(
+                f"engine={self.name!r}: {left[0]} is a tensor the model keeps outside its "
+                "parameters and buffers, which a meta-device build cannot fill in; train "
+                "this model with the torch engine or --deepspeed"
+            )
 
     def forward_backward(
         self, batch: PackedBatch, weight: float, aux_weight: float, sync: bool
