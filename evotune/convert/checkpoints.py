@@ -280,11 +280,14 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def read_internlm2_hf(folder: Path, source: str | None = None) -> tuple[LlamaConfig, dict]:
+def read_internlm2_hf(
+    folder: Path, source: str | None = None, with_weights: bool = True
+) -> tuple[LlamaConfig, dict]:
     """A remote-code InternLM2 HF folder as the equivalent Llama config and weights, in memory.
 
     The Llama config remembers the InternLM2 config and where it came from (attribute
     ``evotune_internlm2``), so ``export_as_internlm2`` can write the layout back.
+    ``with_weights=False`` reads the config only (the weights are then ``{}``).
     """
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -307,7 +310,11 @@ def read_internlm2_hf(folder: Path, source: str | None = None) -> tuple[LlamaCon
         heads,
         int(source_config.get("num_key_value_heads", heads)),
     )
-    weights = internlm2_to_llama(_read_weights(folder), shape, interleaved_rotary=False)
+    weights = (
+        internlm2_to_llama(_read_weights(folder), shape, interleaved_rotary=False)
+        if with_weights
+        else {}
+    )
     settings: dict[str, Any] = dict(
         vocab_size=int(source_config["vocab_size"]),
         hidden_size=shape.hidden_size,

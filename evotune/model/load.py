@@ -103,8 +103,11 @@ def _local_folder(name_or_path: str) -> Path:
         raise _unreachable(name_or_path, error) from None
 
 
-def load_config(name_or_path: str, allow_unverified_model: bool = False) -> tuple[Any, dict | None]:
-    """(config, weights) where weights is an in-memory state dict for InternLM2, else None.
+def load_config(
+    name_or_path: str, allow_unverified_model: bool = False, with_weights: bool = True
+) -> tuple[Any, dict | None]:
+    """(config, weights) where weights is an in-memory state dict for InternLM2, else None
+    (``{}`` for InternLM2 without ``with_weights``: a meta-device build reads none).
 
     Refuses remote code and unverified or inexact families with one-line ConfigErrors.
     """
@@ -114,7 +117,9 @@ def load_config(name_or_path: str, allow_unverified_model: bool = False) -> tupl
         from ..convert.checkpoints import read_internlm2_hf
 
         try:
-            config, weights = read_internlm2_hf(_local_folder(name_or_path), source=name_or_path)
+            config, weights = read_internlm2_hf(
+                _local_folder(name_or_path), source=name_or_path, with_weights=with_weights
+            )
         except ConversionError as error:
             raise ConfigError(
                 f"{KEY}: InternLM2 folder cannot be loaded as Llama: {error}"
@@ -154,7 +159,9 @@ def load_model(
     """
     check_model_source(name_or_path)
     register_attention()
-    config, weights = load_config(name_or_path, allow_unverified_model)
+    config, weights = load_config(
+        name_or_path, allow_unverified_model, with_weights=placement != "meta"
+    )
     device = torch.device(device)
     try:
         kernel = resolve_kernel(
