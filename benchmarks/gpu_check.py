@@ -17,8 +17,9 @@ skipped and says so; the report is rewritten after every section):
    ``evotune train`` with its default (bf16 parameters, auto kernel), +compile, with and
    without activation checkpointing; the Hugging Face Trainer on the same model and
    samples, padding-free (DataCollatorWithFlattening, its best attention) and padded;
-   DeepSpeed ZeRO-2 and ZeRO-3 through evotune, whose losses must equal the torch
-   engine's within bf16 tolerance. tokens/s, trainable tokens/s, MFU, HFU, peak memory,
+   DeepSpeed ZeRO-2 and ZeRO-3 and FSDP2 (meta-device build, weights sent from rank 0,
+   streamed HF folder at the final save) through evotune, whose losses must equal the
+   torch engine's within bf16 tolerance. tokens/s, trainable tokens/s, MFU, HFU, peak memory,
    step time (medians after warm-up steps).
 
     python benchmarks/gpu_check.py --out DIR              # on the GPU machine
@@ -597,6 +598,11 @@ def main() -> None:
             ),
         ),
         (
+            "fsdp2",
+            70,
+            lambda: evotune_run(plan, scratch, assets, "fsdp2", {"cli": ["--fsdp"]}),
+        ),
+        (
             "evotune_checkpointing",
             60,
             lambda: evotune_run(
@@ -619,7 +625,7 @@ def main() -> None:
     for name, needs, work in runs:
         report.section(name, needs, work)
     default = report.data.get("evotune_default", {})
-    for name in ("deepspeed_zero2", "deepspeed_zero3"):
+    for name in ("deepspeed_zero2", "deepspeed_zero3", "fsdp2"):
         if isinstance(report.data.get(name), dict):
             report.data[name]["losses_vs_torch"] = compare_losses(default, report.data[name])
     evotune_best = max(
