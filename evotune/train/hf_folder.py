@@ -54,13 +54,15 @@ class HFFolderWriter:
         self.shards: list[list[str]] = []  # tensor names of each shard written so far
         self.total_bytes = 0
         self.total_parameters = 0
-        self.renamed = False  # some on-disk name differs from the in-memory one
+        self.renamed = False  # some in-memory tensor is not on disk under its own name
         folder.mkdir(parents=True, exist_ok=True)
 
     def add(self, group: dict[str, torch.Tensor]) -> None:
         """One group of full weights (in-memory names), in any dtype, on the CPU."""
-        on_disk = _on_disk_format(self.model, group)
-        if set(on_disk) != set(group):
+        ignored = set(getattr(self.model, "_keys_to_ignore_on_save", None) or ()) & set(group)
+        kept = {name: tensor for name, tensor in group.items() if name not in ignored}
+        on_disk = _on_disk_format(self.model, kept)
+        if ignored or set(on_disk) != set(kept):
             self.renamed = True
         for name, tensor in sorted(on_disk.items()):
             tensor = tensor.detach().to(self.dtype).contiguous()
