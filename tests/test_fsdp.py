@@ -12,10 +12,13 @@ the streamed HF folder must all keep the tie. Resuming is in test_elastic_resume
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from runner import final_weights, records, run_train
 from tiny import save_tiny_llama, write_config, write_corpus
+from transformers import GenerationConfig
 
 from evotune.train.checkpoint import complete_checkpoints
 
@@ -26,6 +29,10 @@ STEPS = 6
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     model = save_tiny_llama(root / "model", tie_word_embeddings=True)  # a tied LM head
+    # generation defaults of their own, which the saved HF folders must keep
+    GenerationConfig(
+        eos_token_id=[2, 5], do_sample=True, temperature=0.7, top_p=0.8
+    ).save_pretrained(model)
     data = write_corpus(root / "data", shards=3, samples=60)
     return root, model, data
 
@@ -73,6 +80,11 @@ def test_two_processes_match_one(setup, single):
     # built on the meta device and sharded before any weight was read; rank 0 sent them
     assert "fsdp2: model sharded on the meta device" in result.stderr
     _compare(single, root / "fsdp2")
+    expected, got = (
+        json.loads((complete_checkpoints(work)[-1] / "hf" / "generation_config.json").read_text())
+        for work in (single, root / "fsdp2")
+    )
+    assert got == expected and got["eos_token_id"] == [2, 5] and got["temperature"] == 0.7
     # every rank wrote its own shards; nothing of the resume state was gathered
     saved = complete_checkpoints(root / "fsdp2")[-1] / "fsdp"
     assert sorted(p.name for p in saved.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]

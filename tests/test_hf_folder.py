@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from tiny import tiny_llama_config, write_config, write_corpus
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
+from evotune.model.hf_folder import INDEX_FILE, SINGLE_FILE, read_hf_weights, write_hf_folder
 from evotune.model.layers import decoder_layers, weight_groups
 from evotune.parallel.engine import host_copies
-from evotune.train.hf_folder import INDEX_FILE, SINGLE_FILE, read_hf_weights, write_hf_folder
 
 
 def _mixtral() -> torch.nn.Module:

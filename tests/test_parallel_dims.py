@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from evotune.errors import ConfigError
@@ -43,3 +45,45 @@ def test_invalid_layouts_are_refused():
 def test_sum_step_counts_whole_rows_once_per_replica():
     dims = ParallelDims()
     assert dims.sum_step([1.5, 2.0], [10.0]) == ([1.5, 2.0], [10.0])
+
+
+def _run_on_main_worker(rank: int, port: int, output: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from evotune.errors import ConfigError, UserError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dims = ParallelDims(world_size=2, rank=rank)
+    seen = {"value": dims.run_on_main(lambda: 42)}
+
+    def fail() -> int:
+        raise ConfigError("model.safetensors: truncated")
+
+    try:
+        dims.run_on_main(fail)
+    except UserError as error:
+        seen["error"] = f"{type(error).__name__}: {error}"
+    dist.destroy_process_group()
+    Path(f"{output}.{rank}").write_text(json.dumps(seen))
+
+
+@pytest.mark.integration
+def test_run_on_main_returns_there_and_spreads_a_failure(tmp_path):
+    """The others wait for the main rank, and end with its error instead of hanging."""
+    import json
+
+    import torch.multiprocessing as mp
+    from runner import free_port
+
+    output = str(tmp_path / "seen")
+    mp.spawn(_run_on_main_worker, args=(free_port(), output), nprocs=2)
+    main, other = (json.loads(Path(f"{output}.{rank}").read_text()) for rank in (0, 1))
+    assert main == {"value": 42, "error": "ConfigError: model.safetensors: truncated"}
+    assert other == {
+        "value": None,
+        "error": "UserError: rank 0 failed: model.safetensors: truncated",
+    }

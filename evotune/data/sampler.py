@@ -26,9 +26,10 @@ packs already consumed by the whole job are neither repeated nor skipped, the
 global order stays the same and only the split of the rest over the new ranks
 changes; this rank's position restarts at 0 in its new list. The unit cut then
 applies to what is left, so at most unit-1 packs at the very end of that epoch
-differ from an uninterrupted run when the unit changed (none when the global
-batch ``micro_num * dp_size`` is the same before and after, as when moving from 2
-processes x accumulative_counts 1 to 1 process x 2). Later epochs are split
+differ from an uninterrupted run when the unit changed (none when it is the same:
+for the InternEvo order the same global batch ``micro_num * dp_size``, as when
+moving from 2 processes x accumulative_counts 1 to 1 process x 2; for the XTuner
+order the same ``dp_size``). Later epochs are split
 from their start as usual. Under an unchanged layout the rest from G is exactly
 the uninterrupted run's list, so a same-layout resume keeps its old position.
 """

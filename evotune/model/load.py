@@ -9,6 +9,7 @@ chosen by what the model's layers need (attention.resolve_kernel) -> weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..errors import ConfigError, ConversionError
@@ -178,6 +185,9 @@ def load_model(
                 model = AutoModelForCausalLM.from_config(
                     config, dtype=dtype, attn_implementation=implementation
                 )
+            if weights is None:  # from_pretrained would read it too (what the HF folder saves)
+                with contextlib.suppress(OSError):
+                    model.generation_config = GenerationConfig.from_pretrained(name_or_path)
         elif weights is not None:
             model = LlamaForCausalLM.from_pretrained(
                 None,

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+# reading a large checkpoint from network storage on one rank can outlast a collective
+MAIN_RANK_WORK_TIMEOUT = datetime.timedelta(hours=2)
 MESH_DIMS = ("dp", "sp")
+T = TypeVar("T")
 
 
 def rank_groups(world_size: int, sp_size: int) -> dict[str, list[list[int]]]:
@@ -165,6 +169,34 @@ class ParallelDims:
         messages: list[str | None] = [None] * self.world_size
         dist.all_gather_object(messages, message)
         return next(m for m in messages if m)
+
+    def run_on_main(self, work: Callable[[], T]) -> T | None:
+        """``work()`` on the main rank while the others wait (collective); None elsewhere.
+
+        The others wait on a gloo group of their own with MAIN_RANK_WORK_TIMEOUT, not
+        the collective timeout. When ``work`` fails, the main rank raises its error and
+        the others raise one line naming it (a UserError when it is the user's).
+        """
+        if not self.is_distributed:
+            return work()
+        group = dist.new_group(backend="gloo", timeout=MAIN_RANK_WORK_TIMEOUT)
+        result, failure = None, None
+        if self.is_main:
+            try:
+                result = work()
+            except Exception as error:
+                failure = error
+        status: list[Any] = [None]
+        if failure is not None:
+            status = [(isinstance(failure, UserError), " ".join(str(failure).split())[:500])]
+        dist.broadcast_object_list(status, src=0, group=group)
+        dist.destroy_process_group(group)
+        if failure is not None:
+            raise failure
+        if status[0] is not None:
+            users, message = status[0]
+            raise (UserError if users else RuntimeError)(f"rank 0 failed: {message}")
+        return result
 
     def barrier(self) -> None:
         if self.is_distributed:

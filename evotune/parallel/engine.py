@@ -34,9 +34,9 @@ from transformers import PreTrainedModel
 
 from ..data.collate import PackedBatch
 from ..errors import ConfigError
+from ..model.hf_folder import read_hf_weights
 from ..model.layers import weight_groups
 from ..model.loss import PackedLoss, packed_loss
-from ..train.hf_folder import read_hf_weights
 from .dims import ParallelDims
 from .sequence import SequenceParallel
 

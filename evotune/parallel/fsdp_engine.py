@@ -38,7 +38,7 @@ Design, and why:
   them to the current world size, which makes elastic resume possible
   (data/sampler.py re-splits the data). The HF folder is gathered one parameter
   at a time and streamed to disk on rank 0 a decoder layer at a time
-  (train/hf_folder.py): no device holds more than one full parameter, and rank 0's
+  (model/hf_folder.py): no device holds more than one full parameter, and rank 0's
   host memory at most one safetensors shard.
 """
 
@@ -105,11 +105,11 @@ class FSDP2Engine(EngineBase):
         dims: ParallelDims,
         settings: TrainConfig,
         sequence_parallel: SequenceParallel | None = None,
-        weights: PreTrainedModel | None = None,
+        source_model: PreTrainedModel | None = None,
     ):
         """``model`` may be a meta-device skeleton (parallelize.build_engine loads it so):
-        it is sharded first, then ``weights``, the main rank's full model in host memory
-        (None on the other ranks), fills in every rank's shards."""
+        it is sharded first, then ``source_model``, the main rank's full model in host
+        memory (None on the other ranks), fills in every rank's shards."""
         from torch.distributed.fsdp import (
             CPUOffloadPolicy,
             FSDPModule,
@@ -120,6 +120,14 @@ class FSDP2Engine(EngineBase):
 
         super().__init__(model, dims, sequence_parallel, gradient_scale=1.0)
         self.offload = settings.engine == "fsdp2_offload"
+        on_meta = any(parameter.is_meta for parameter in model.parameters())
+        left = tensors_outside_the_state(model) if on_meta else []
+        if left:  # before any weight is sent
+            raise ConfigError(
+                f"engine={settings.engine!r}: {left[0]} is a tensor the model keeps outside "
+                "its parameters and buffers, which a meta-device build cannot fill in; train "
+                "this model with the torch engine or --deepspeed"
+            )
         mesh = shard_mesh(dims)
         precision = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -145,8 +153,8 @@ class FSDP2Engine(EngineBase):
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
-        if any(parameter.is_meta for parameter in model.parameters()):
-            self._fill_shards_from_main_rank(weights)
+        if on_meta:
+            self._fill_shards_from_main_rank(source_model)
         self.optimizer = torch.optim.AdamW(
             optimizer_param_groups(model, settings.weight_decay, settings.weight_decay_scope),
             lr=settings.lr,
@@ -171,7 +179,7 @@ class FSDP2Engine(EngineBase):
             raise ValueError("the main rank must pass the full weights of a meta-device model")
         self.model.to_empty(device="cpu" if self.offload else self.dims.device)
         full = source.state_dict() if source is not None else {}
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         result = set_model_state_dict(self.model, full, options=options)
         if result.missing_keys or result.unexpected_keys:
             raise ConfigError(
@@ -186,13 +194,6 @@ class FSDP2Engine(EngineBase):
                 received.copy_(source_buffers[qualified])
             dist.broadcast(received, src=0)
             self.model.get_submodule(owner)._buffers[attribute] = received
-        left = tensors_outside_the_state(self.model)
-        if left:
-            raise ConfigError(
-                f"engine={self.name!r}: {left[0]} is a tensor the model keeps outside its "
-                "parameters and buffers, which a meta-device build cannot fill in; train "
-                "this model with the torch engine or --deepspeed"
-            )
 
     def forward_backward(
         self, batch: PackedBatch, weight: float, aux_weight: float, sync: bool

@@ -40,9 +40,9 @@ def build_engine(settings: TrainConfig, dims: ParallelDims) -> tuple[PreTrainedM
 
         prepare_fsdp(s, dims)
         model = _load(s, dims, placement="meta")  # sharded before any weight is read
-        weights = _load_weights_on_host(s, dims) if dims.is_main else None
+        source_model = dims.run_on_main(lambda: _load_on_host(s, dims))
         logger.info("fsdp2: model sharded on the meta device, weights sent from rank 0's host")
-        return model, FSDP2Engine(model, dims, s, sequence_parallel, weights)
+        return model, FSDP2Engine(model, dims, s, sequence_parallel, source_model)
     if s.deepspeed is None:
         model = _load(s, dims)  # fp32: the engine turns it into bf16 params + fp32 masters
         autocast = s.dtype != "float32" and s.mixed_precision == "autocast"
@@ -71,7 +71,7 @@ def build_engine(settings: TrainConfig, dims: ParallelDims) -> tuple[PreTrainedM
     return model, DeepSpeedEngine(model, dims, ds_config, s, sequence_parallel)
 
 
-def _load_weights_on_host(s: TrainConfig, dims: ParallelDims) -> PreTrainedModel:
+def _load_on_host(s: TrainConfig, dims: ParallelDims) -> PreTrainedModel:
     """The full model in host memory, the source an FSDP2 engine shards from."""
     return load_model(
         s.pretrained_model_name_or_path,

@@ -2,12 +2,16 @@
 
 Layout of ``WORK_DIR/checkpoint-<step>/``::
 
-    hf/                 config.json, model.safetensors, tokenizer files (from_pretrained-ready)
+    hf/                 config.json, model.safetensors (or shards and an index), tokenizer
+                        files: from_pretrained-ready (model/hf_folder.py)
     trainer_state.json  step, updates, counters, sampler position, engine, dp size,
                         dataset identity
     config.py           the resolved config of the run
-    optimizer.pt        optimizer state (torch engine; DeepSpeed keeps its own under deepspeed/)
-    master_weights.safetensors  fp32 weights when hf/ holds bf16 ones (torch engine)
+    optimizer.pt        optimizer state (torch engine)
+    deepspeed/          DeepSpeed's own checkpoint (DeepSpeed engine)
+    fsdp/               every rank's shards of weights and AdamW state (FSDP2 engine, DCP)
+    master_weights.safetensors  the exact weights when hf/ cannot hold them: bf16 there,
+                        or names changed on save (torch engine)
     rng.pt              python / numpy / torch RNG states
     MANIFEST.json       size and sha256 of every file above (verified at resume and export)
     COMPLETE            written last, inside the temporary folder, before the rename

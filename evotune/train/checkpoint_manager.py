@@ -9,6 +9,7 @@ before anything is loaded, then restores engine, RNG and run state.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -21,11 +22,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..config import LoadedConfig
 from ..data import PackedDataset
 from ..errors import ConfigError
+from ..model.hf_folder import write_hf_folder
 from ..parallel.dims import ParallelDims
 from ..parallel.engine import Engine
 from ..parallel.parallelize import TORCH_DTYPES
 from . import checkpoint as ckpt
-from .hf_folder import write_hf_folder
 from .state import TrainState
 
 logger = logging.getLogger("evotune")
@@ -110,14 +111,22 @@ class CheckpointManager:
     def _write_hf_folder(self, folder: Path) -> bool:
         """Stream the weights into ``folder`` on the main rank (collective).
 
-        Returns whether it holds every parameter bit for bit under its in-memory name.
+        Returns, on the main rank, whether the folder holds every parameter bit for bit
+        under its in-memory name (False on the other ranks, which write nothing).
         """
         groups = self.engine.hf_weight_groups(self.save_dtype)
         if not self.dims.is_main:
             for _ in groups:  # take part in each gather
                 pass
             return False
-        writer = write_hf_folder(folder, self.model, groups, self.save_dtype)
+        try:
+            writer = write_hf_folder(folder, self.model, groups, self.save_dtype)
+        except Exception:
+            # the other ranks are inside the same gathers: let them finish, then fail
+            with contextlib.suppress(Exception):
+                for _ in groups:
+                    pass
+            raise
         _portable_config(folder)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)

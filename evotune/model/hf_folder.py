@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-DEFAULT_SHARD_BYTES = 5 * 1024**3  # the size most hub checkpoints use
+DEFAULT_SHARD_BYTES = 5 * 1024**3  # 5 GiB, about what most hub checkpoints use
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
