@@ -128,6 +128,48 @@ def test_a_moe_run_resumes_on_the_torch_engine(tmp_path):
     assert records(tmp_path / "resumed")[-1]["loss"] == records(tmp_path / "straight")[-1]["loss"]
 
 
+@pytest.mark.integration
+def test_a_run_with_sharded_folders_resumes_and_exports(tmp_path):
+    """save_shard_size_mb splits hf/; resume (fp32: the weights come from hf/) and export."""
+    import subprocess
+    import sys
+
+    from tiny import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model")
+    data = write_corpus(tmp_path / "data", shards=2, samples=30)
+    config = write_config(
+        tmp_path / "c.py", model, data, total_steps=3, save_steps=1, save_shard_size_mb=0.02
+    )
+    straight = run_train(config, tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    checkpoint = tmp_path / "straight" / "checkpoint-0000002"
+    index = json.loads((checkpoint / "hf" / INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) > 3
+    assert not (checkpoint / "master_weights.safetensors").exists()  # hf/ holds them exactly
+    resumed = run_train(config, tmp_path / "resumed", "--resume", str(checkpoint))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert records(tmp_path / "resumed")[-1]["loss"] == records(tmp_path / "straight")[-1]["loss"]
+    exported = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evotune.cli",
+            "export",
+            str(checkpoint),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    for name, tensor in read_hf_weights(checkpoint / "hf").items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
 def test_sharded_folder_reads_back_whole(tmp_path):
     model = LlamaForCausalLM(tiny_llama_config())
     _stream(model, tmp_path / "hf", max_shard_bytes=10_000)

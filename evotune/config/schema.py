@@ -193,6 +193,10 @@ class TrainConfig:
     """Save a checkpoint every this many steps, and at the end."""
     save_total_limit: int = 2
     """Keep this many newest checkpoints; -1 keeps all."""
+    save_shard_size_mb: float = 5120.0
+    """Largest safetensors file of a checkpoint's HF folder, in MiB (a bigger single tensor
+    gets a file of its own). The main rank holds at most one such file plus one decoder
+    layer in host memory while it saves."""
     log_interval: int = 1
     """Log a console line every this many steps (when the progress bar is off)."""
     work_dir: str | None = None

@@ -207,6 +207,8 @@ def check_consistency(source: Path, s: TrainConfig) -> None:
         fail("num_workers", f"must be >= 0, got {s.num_workers}")
     if s.init_steps < 0:
         fail("init_steps", f"must be >= 0, got {s.init_steps}")
+    if not s.save_shard_size_mb > 0:
+        fail("save_shard_size_mb", f"must be > 0 (MiB), got {s.save_shard_size_mb}")
     if s.save_total_limit == 0 or s.save_total_limit < -1:
         fail("save_total_limit", "keep N >= 1 newest checkpoints, or -1 to keep all")
     if s.dataset_weights:

@@ -67,6 +67,7 @@ class CheckpointManager:
         self.save_steps = settings.save_steps
         self.keep = settings.save_total_limit
         self.save_dtype = TORCH_DTYPES[settings.dtype]
+        self.shard_bytes = max(1, int(settings.save_shard_size_mb * 2**20))
 
     def due(self, step: int, last: bool) -> bool:
         return last or step % self.save_steps == 0
@@ -120,7 +121,7 @@ class CheckpointManager:
                 pass
             return False
         try:
-            writer = write_hf_folder(folder, self.model, groups, self.save_dtype)
+            writer = write_hf_folder(folder, self.model, groups, self.save_dtype, self.shard_bytes)
         except Exception:
             # the other ranks are inside the same gathers: let them finish, then fail
             with contextlib.suppress(Exception):
