@@ -211,10 +211,9 @@ def test_precision_settings_are_checked():
     assert _settings(dtype="bfloat16", mixed_precision="autocast").mixed_precision == "autocast"
     with pytest.raises(ConfigError, match="mixed_precision: 'autocast' applies to dtype="):
         _settings(mixed_precision="autocast")
-    with pytest.raises(ConfigError, match="reduce_dtype: set for the torch engine only"):
+    with pytest.raises(ConfigError, match="reduce_dtype: set for the torch and FSDP2 engines"):
         _settings(reduce_dtype="bfloat16", deepspeed="deepspeed_zero2")
-    with pytest.raises(ConfigError, match="reduce_dtype: set for the torch engine only"):
-        _settings(reduce_dtype="bfloat16", engine="fsdp2")
+    assert _settings(reduce_dtype="bfloat16", engine="fsdp2").reduce_dtype == "bfloat16"
     with pytest.raises(ConfigError, match="'autocast' is the torch engine's"):
         _settings(dtype="bfloat16", mixed_precision="autocast", engine="fsdp2")
 
@@ -255,16 +254,20 @@ def test_cli_bf16_resume_is_bit_identical(assets):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("reduce_dtype", ["float32", "bfloat16"])
-def test_ddp_bf16_parameters_track_one_process(assets, reduce_dtype):
+@pytest.mark.parametrize(
+    "engine, reduce_dtype", [("ddp", "float32"), ("ddp", "bfloat16"), ("fsdp2", "bfloat16")]
+)
+def test_bf16_parameters_on_two_processes_track_one_process(assets, engine, reduce_dtype):
+    """DDP's all-reduce and FSDP2's reduce-scatter, in fp32 or bf16."""
     from runner import losses, run_train
 
     root, model, data = assets
     single = write_config(
         root / "one.py", model, data, dtype="bfloat16", accumulative_counts=2, total_steps=4
     )
+    name = f"two_{engine}_{reduce_dtype}"
     two = write_config(
-        root / f"two_{reduce_dtype}.py",
+        root / f"{name}.py",
         model,
         data,
         dtype="bfloat16",
@@ -275,7 +278,10 @@ def test_ddp_bf16_parameters_track_one_process(assets, reduce_dtype):
     if not (root / "one").exists():
         result = run_train(single, root / "one")
         assert result.returncode == 0, result.stderr[-3000:]
-    result = run_train(two, root / f"two_{reduce_dtype}", nproc=2)
+    extra = ("--fsdp",) if engine == "fsdp2" else ()
+    result = run_train(two, root / name, *extra, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
-    reference, ours = losses(root / "one"), losses(root / f"two_{reduce_dtype}")
+    if engine == "fsdp2":
+        assert f"gradients reduce-scattered in {reduce_dtype}" in result.stderr
+    reference, ours = losses(root / "one"), losses(root / name)
     assert max(abs(a - b) for a, b in zip(ours, reference, strict=True)) < LOSS_TRACKING

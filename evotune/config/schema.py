@@ -74,8 +74,9 @@ class TrainConfig:
     activations, fp32 master weights and gradient accumulation (as DeepSpeed and FSDP2 do);
     'autocast': fp32 parameters under torch.autocast (fp32 residual stream, slower)."""
     reduce_dtype: ReduceDType = "float32"
-    """Dtype of the gradient all-reduce across processes (torch engine, DDP): 'float32' sums
-    bf16 gradients in fp32; 'bfloat16' halves the traffic and rounds each rank's gradient."""
+    """Dtype of the gradient reduction across processes (DDP's all-reduce, FSDP2's
+    reduce-scatter): 'float32' sums bf16 gradients in fp32; 'bfloat16' halves the traffic
+    and rounds each rank's gradient."""
     attn_implementation: AttnImplementation = "auto"
     """Varlen attention kernel. 'auto': torch's varlen flash-attention on CUDA (bf16, PyTorch
     >= 2.10), else flash-attn when installed, else SDPA; SDPA on CPU. Kernels that cannot do

@@ -187,11 +187,11 @@ def check_consistency(source: Path, s: TrainConfig) -> None:
             "'save_matmuls' does not compose with compile=True (torch's selective checkpoint "
             "rejects compiled layers); use 'full' with activation_checkpointing_every instead",
         )
-    if s.reduce_dtype != "float32" and other_engine:
+    if s.reduce_dtype != "float32" and s.deepspeed is not None:
         fail(
             "reduce_dtype",
-            "set for the torch engine only: FSDP2 reduces in fp32, DeepSpeed reads "
-            "communication_data_type from its JSON",
+            "set for the torch and FSDP2 engines; DeepSpeed reads communication_data_type "
+            "from its JSON",
         )
     if s.total_steps is not None and s.total_steps < 1:
         fail("total_steps", f"must be >= 1 (or None to use max_epochs), got {s.total_steps}")

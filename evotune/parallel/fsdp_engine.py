@@ -30,7 +30,9 @@ Design, and why:
   forward inside the backward, where FSDP2's pre-backward gather already holds
   the layer's parameters.
 * **Precision.** float32: no policy, exact. bfloat16: bf16 compute copies of the
-  parameters, fp32 sharded master weights and optimizer state, fp32 reduction.
+  parameters, fp32 sharded master weights and optimizer state. Gradients are
+  reduce-scattered in ``reduce_dtype`` (fp32 unless the user halves the traffic with
+  bf16) and accumulate in fp32 shards.
 * **Offload** (engine 'fsdp2_offload'): sharded parameters, gradients and AdamW
   state live in CPU memory (CPUOffloadPolicy); the optimizer steps on the CPU.
 * **Checkpoints.** ``fsdp/`` is a torch.distributed.checkpoint folder: every rank
@@ -44,6 +46,7 @@ Design, and why:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,6 +66,7 @@ from .engine import EngineBase, PackedLossModule, optimizer_param_groups
 from .sequence import SequenceParallel
 
 CHECKPOINT_FOLDER = "fsdp"
+logger = logging.getLogger(__name__)
 SHARD_MESH_NAME = "dp_sp"
 
 
@@ -129,10 +133,18 @@ class FSDP2Engine(EngineBase):
                 "this model with the torch engine or --deepspeed"
             )
         mesh = shard_mesh(dims)
+        compute = torch.bfloat16 if settings.dtype == "bfloat16" else None
+        reduce = getattr(torch, settings.reduce_dtype)
         precision = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if settings.dtype == "bfloat16"
-            else MixedPrecisionPolicy()
+            MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=reduce)
+            if compute is not None or reduce != torch.float32
+            else MixedPrecisionPolicy()  # fp32 throughout: no casts at all
+        )
+        logger.info(
+            "fsdp2: compute in %s, gradients reduce-scattered in %s, fp32 shards%s",
+            settings.dtype,
+            settings.reduce_dtype,
+            " in CPU memory" if self.offload else "",
         )
         placement = (
             CPUOffloadPolicy(pin_memory=dims.device.type == "cuda")
