@@ -306,17 +306,24 @@ def test_every_verified_family_is_tested():
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_every_family_builds_on_the_meta_device(model_type):
-    """FSDP2 builds on meta and fills in parameters and buffers: nothing else may hold data."""
-    from evotune.parallel.fsdp_engine import tensors_outside_the_state
+def test_every_family_builds_with_parameters_on_meta_and_the_same_buffers(model_type):
+    """FSDP2's build: no parameter memory, buffers exactly those of an ordinary build."""
+    from evotune.model.load import parameters_on_meta
 
     config = AutoConfig.for_model(model_type, **{**COMMON, **CASES[model_type]})
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    assert tensors_outside_the_state(model) == []
-    if model_type == "llama":  # the check itself finds such a tensor
-        model.model.stray = torch.empty(2, device="meta")
-        assert tensors_outside_the_state(model) == ["model.stray"]
+    with parameters_on_meta():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    reference = AutoModelForCausalLM.from_config(config)
+    assert all(parameter.is_meta for parameter in skeleton.parameters())
+    assert [name for name, _ in skeleton.named_parameters()] == [
+        name for name, _ in reference.named_parameters()
+    ]
+    expected = dict(reference.named_buffers())
+    assert sorted(dict(skeleton.named_buffers())) == sorted(expected)
+    for name, buffer in skeleton.named_buffers():
+        assert not buffer.is_meta and torch.equal(buffer, expected[name]), name
+    if config.tie_word_embeddings:
+        assert skeleton.get_output_embeddings().weight is skeleton.get_input_embeddings().weight
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,12 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -161,8 +163,9 @@ def load_model(
     kernels can run. ``allow_unverified_model`` trains a model type that is not in
     evotune.model.families.FAMILIES, with a warning. ``placement`` puts the model
     somewhere else than the ``device`` it will train on (which chooses the attention
-    kernel): "cpu", or "meta" for the structure without reading any weight (an engine
-    that shards first and fills in the weights afterwards).
+    kernel): "cpu", or "meta" for the structure without reading any weight: its
+    parameters on the meta device, its buffers computed on the CPU as from_pretrained
+    computes them (for an engine that shards first and fills in the weights afterwards).
     """
     check_model_source(name_or_path)
     register_attention()
@@ -181,7 +184,7 @@ def load_model(
     model: Any
     try:
         if placement == "meta":
-            with torch.device("meta"):
+            with parameters_on_meta():
                 model = AutoModelForCausalLM.from_config(
                     config, dtype=dtype, attn_implementation=implementation
                 )
@@ -211,4 +214,32 @@ def load_model(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     # from_pretrained returns eval mode, where activation checkpointing is inactive
+    if placement == "meta":
+        return model.train()  # the engine allocates the parameters and moves the buffers
     return model.to(placement or device).train()
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device, their buffers as usual.
+
+    Each parameter moves to meta as it is registered, before its module initialises it,
+    so building costs no memory and no initialisation; buffers (rotary frequencies,
+    embedding scales) are computed exactly as in any build.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, parameter: nn.Parameter | None) -> None:
+        register(module, name, parameter)
+        if parameter is not None and not parameter.is_meta:
+            kind = type(parameter)
+            values = vars(parameter)
+            moved = kind(parameter.to("meta"), requires_grad=parameter.requires_grad)
+            vars(moved).update(values)
+            module._parameters[name] = moved
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]

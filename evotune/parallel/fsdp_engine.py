@@ -16,11 +16,12 @@ Design, and why:
 * **Reduce every micro-batch.** Each backward reduce-scatters into sharded fp32
   gradients that accumulate over the step's micro-batches, so no rank ever keeps
   unsharded gradients (``sync`` is not needed); one reduce-scatter per micro-batch.
-* **Loading.** Every rank builds the model on the meta device (no memory, no
-  weights read), shards it, allocates only its own shards, and receives them tensor
-  by tensor from the main rank, the one process that reads the checkpoint (into host
-  memory). No device ever holds the whole model, and a node's host memory holds it
-  once, not once per rank.
+* **Loading.** Every rank builds the model with its parameters on the meta device
+  (no memory, no weights read; buffers computed as usual), shards it, allocates only
+  its own shards, and receives them tensor by tensor from the main rank, the one
+  process that reads the base model (into host memory). No device ever holds the
+  whole model, and a node's host memory holds it once, not once per rank. A resume
+  reads no base model at all: the checkpoint's shards fill the allocated ones.
 * **Order.** The model is built with HF activation checkpointing (or evotune's
   per-layer checkpointing and compilation) already applied, then ``fully_shard``
   goes bottom-up: every decoder layer (model/layers.py), then the root, which is the
@@ -53,7 +54,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 
 from ..config import TrainConfig
@@ -87,16 +87,6 @@ def shard_mesh(dims: ParallelDims) -> Any:
     return dims.mesh._flatten(SHARD_MESH_NAME)
 
 
-def tensors_outside_the_state(model: nn.Module) -> list[str]:
-    """Tensor attributes of modules that are neither parameters nor buffers, on meta."""
-    return [
-        f"{name}.{key}" if name else key
-        for name, module in model.named_modules()
-        for key, value in vars(module).items()
-        if isinstance(value, torch.Tensor) and value.is_meta
-    ]
-
-
 class FSDP2Engine(EngineBase):
     """Fully sharded data parallel (FSDP2) over all ranks; resumable on another layout."""
 
@@ -110,10 +100,13 @@ class FSDP2Engine(EngineBase):
         settings: TrainConfig,
         sequence_parallel: SequenceParallel | None = None,
         source_model: PreTrainedModel | None = None,
+        receive_weights: bool = True,
     ):
-        """``model`` may be a meta-device skeleton (parallelize.build_engine loads it so):
-        it is sharded first, then ``source_model``, the main rank's full model in host
-        memory (None on the other ranks), fills in every rank's shards."""
+        """``model`` may have its parameters on the meta device (parallelize.build_engine
+        builds it so): it is sharded first, then each rank allocates its shards and,
+        unless a checkpoint will fill them (``receive_weights=False``: a resume), receives
+        them from ``source_model``, the main rank's full model in host memory (None on
+        the other ranks)."""
         from torch.distributed.fsdp import (
             CPUOffloadPolicy,
             FSDPModule,
@@ -125,13 +118,8 @@ class FSDP2Engine(EngineBase):
         super().__init__(model, dims, sequence_parallel, gradient_scale=1.0)
         self.offload = settings.engine == "fsdp2_offload"
         on_meta = any(parameter.is_meta for parameter in model.parameters())
-        left = tensors_outside_the_state(model) if on_meta else []
-        if left:  # before any weight is sent
-            raise ConfigError(
-                f"engine={settings.engine!r}: {left[0]} is a tensor the model keeps outside "
-                "its parameters and buffers, which a meta-device build cannot fill in; train "
-                "this model with the torch engine or --deepspeed"
-            )
+        # the build computed them; allocating the shards below leaves every tensor empty
+        built_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         mesh = shard_mesh(dims)
         compute = torch.bfloat16 if settings.dtype == "bfloat16" else None
         reduce = getattr(torch, settings.reduce_dtype)
@@ -166,7 +154,9 @@ class FSDP2Engine(EngineBase):
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
         if on_meta:
-            self._fill_shards_from_main_rank(source_model)
+            self._allocate_shards(built_buffers)
+            if receive_weights:
+                self._receive_weights(source_model)
         self.optimizer = torch.optim.AdamW(
             optimizer_param_groups(model, settings.weight_decay, settings.weight_decay_scope),
             lr=settings.lr,
@@ -174,14 +164,18 @@ class FSDP2Engine(EngineBase):
             eps=settings.eps,
         )
 
-    def _fill_shards_from_main_rank(self, source: PreTrainedModel | None) -> None:
-        """Allocate this rank's shards and receive them, tensor by tensor, from ``source``.
+    def _allocate_shards(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Memory for this rank's shards (uninitialised), and the buffers on the device."""
+        self.model.to_empty(device="cpu" if self.offload else self.dims.device)
+        for qualified, value in buffers.items():
+            owner, _, attribute = qualified.rpartition(".")
+            # offloading keeps parameters in host memory only; buffers live on the device
+            self.model.get_submodule(owner)._buffers[attribute] = value.to(self.dims.device)
 
-        No device ever holds the whole model, and only the main rank's host memory does
-        (once per job, not once per rank). Buffers are not sharded: each rank receives
-        them whole, the non-persistent ones (rotary frequencies) included.
-        """
-        import torch.distributed as dist
+    def _receive_weights(self, source: PreTrainedModel | None) -> None:
+        """Fill this rank's shards from ``source``, broadcast from the main rank tensor by
+        tensor: no device ever holds the whole model, and only the main rank's host
+        memory does (once per job, not once per rank)."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -189,7 +183,6 @@ class FSDP2Engine(EngineBase):
 
         if self.dims.is_main and source is None:
             raise ValueError("the main rank must pass the full weights of a meta-device model")
-        self.model.to_empty(device="cpu" if self.offload else self.dims.device)
         full = source.state_dict() if source is not None else {}
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         result = set_model_state_dict(self.model, full, options=options)
@@ -198,14 +191,6 @@ class FSDP2Engine(EngineBase):
                 f"the loaded weights do not fit the model (missing {result.missing_keys[:3]}, "
                 f"unexpected {result.unexpected_keys[:3]})"
             )
-        source_buffers = dict(source.named_buffers()) if source is not None else {}
-        for qualified, buffer in list(self.model.named_buffers()):
-            owner, _, attribute = qualified.rpartition(".")
-            received = buffer.to(self.dims.device)  # offloading moves parameters only
-            if source is not None:
-                received.copy_(source_buffers[qualified])
-            dist.broadcast(received, src=0)
-            self.model.get_submodule(owner)._buffers[attribute] = received
 
     def forward_backward(
         self, batch: PackedBatch, weight: float, aux_weight: float, sync: bool

@@ -29,8 +29,14 @@ TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 logger = logging.getLogger(__name__)
 
 
-def build_engine(settings: TrainConfig, dims: ParallelDims) -> tuple[PreTrainedModel, Engine]:
-    """Load the model for ``dims`` and wrap it in the engine the settings ask for."""
+def build_engine(
+    settings: TrainConfig, dims: ParallelDims, resuming: bool = False
+) -> tuple[PreTrainedModel, Engine]:
+    """Load the model for ``dims`` and wrap it in the engine the settings ask for.
+
+    ``resuming``: a checkpoint will overwrite every weight, so an engine that can
+    skip reading the base model's weights (FSDP2) does.
+    """
     s = settings
     sequence_parallel = (
         SequenceParallel(dims.sp_size, dims.sp_rank, dims.sp_group) if dims.sp_size > 1 else None
@@ -40,6 +46,9 @@ def build_engine(settings: TrainConfig, dims: ParallelDims) -> tuple[PreTrainedM
 
         prepare_fsdp(s, dims)
         model = _load(s, dims, placement="meta")  # sharded before any weight is read
+        if resuming:
+            logger.info("fsdp2: model sharded on the meta device, weights from the checkpoint")
+            return model, FSDP2Engine(model, dims, s, sequence_parallel, receive_weights=False)
         source_model = dims.run_on_main(lambda: _load_on_host(s, dims))
         logger.info("fsdp2: model sharded on the meta device, weights sent from rank 0's host")
         return model, FSDP2Engine(model, dims, s, sequence_parallel, source_model)

@@ -98,7 +98,7 @@ class Trainer:
         resolve_report_to(s.report_to, source)
         self.sampler = inputs.build_sampler(s, self.dataset, self.dims)
         self.collator = inputs.build_collator(s, self.dataset)
-        self.model, self.engine = build_engine(s, self.dims)
+        self.model, self.engine = build_engine(s, self.dims, resuming=resume is not None)
         inputs.check_model_fits_data(self.model.config, self.dataset, self.tokenizer)
         inputs.check_tokenizer_provenance(self.dataset, self.tokenizer)
         self.total_steps = inputs.plan_total_steps(s, self.dataset, self.sampler, self.dims)
