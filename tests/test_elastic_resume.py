@@ -301,7 +301,10 @@ def test_same_layout_resume_is_bit_identical(setup, straight, torn):
     result = run_train(configs[2], work, "--fsdp", "--resume", "auto", nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     # the base model is not read: the checkpoint fills the shards (and must fill all)
-    assert "fsdp2: model sharded on the meta device, weights from the checkpoint" in result.stderr
+    assert (
+        "fsdp2: parameters built on the meta device; their shards come from the checkpoint"
+        in result.stderr
+    )
     _assert_continues(straight, work, SAVE_STEPS + 1, exact=True)
 
 

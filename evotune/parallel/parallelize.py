@@ -47,10 +47,14 @@ def build_engine(
         prepare_fsdp(s, dims)
         model = _load(s, dims, placement="meta")  # sharded before any weight is read
         if resuming:
-            logger.info("fsdp2: model sharded on the meta device, weights from the checkpoint")
+            logger.info(
+                "fsdp2: parameters built on the meta device; their shards come from the checkpoint"
+            )
             return model, FSDP2Engine(model, dims, s, sequence_parallel, receive_weights=False)
         source_model = dims.run_on_main(lambda: _load_on_host(s, dims))
-        logger.info("fsdp2: model sharded on the meta device, weights sent from rank 0's host")
+        logger.info(
+            "fsdp2: parameters built on the meta device; their shards come from rank 0's host"
+        )
         return model, FSDP2Engine(model, dims, s, sequence_parallel, source_model)
     if s.deepspeed is None:
         model = _load(s, dims)  # fp32: the engine turns it into bf16 params + fp32 masters
