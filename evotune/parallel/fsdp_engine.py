@@ -119,7 +119,9 @@ class FSDP2Engine(EngineBase):
         self.offload = settings.engine == "fsdp2_offload"
         on_meta = any(parameter.is_meta for parameter in model.parameters())
         # the build computed them; allocating the shards below leaves every tensor empty
-        built_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        built_buffers = (
+            {name: b.detach().clone() for name, b in model.named_buffers()} if on_meta else {}
+        )
         mesh = shard_mesh(dims)
         compute = torch.bfloat16 if settings.dtype == "bfloat16" else None
         reduce = getattr(torch, settings.reduce_dtype)
