@@ -12,9 +12,9 @@ import json
 
 import pytest
 import torch
-from runner import records, run_train
+from runner import records, run_cli, run_train
 from safetensors.torch import load_file
-from tiny import tiny_llama_config, write_config, write_corpus
+from tiny import save_tiny_llama, tiny_llama_config, write_config, write_corpus
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from evotune.model.hf_folder import INDEX_FILE, SINGLE_FILE, read_hf_weights, write_hf_folder
@@ -131,11 +131,6 @@ def test_a_moe_run_resumes_on_the_torch_engine(tmp_path):
 @pytest.mark.integration
 def test_a_run_with_sharded_folders_resumes_and_exports(tmp_path):
     """save_shard_size_mb splits hf/; resume (fp32: the weights come from hf/) and export."""
-    import subprocess
-    import sys
-
-    from tiny import save_tiny_llama
-
     model = save_tiny_llama(tmp_path / "model")
     data = write_corpus(tmp_path / "data", shards=2, samples=30)
     config = write_config(
@@ -150,20 +145,7 @@ def test_a_run_with_sharded_folders_resumes_and_exports(tmp_path):
     resumed = run_train(config, tmp_path / "resumed", "--resume", str(checkpoint))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert records(tmp_path / "resumed")[-1]["loss"] == records(tmp_path / "straight")[-1]["loss"]
-    exported = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "evotune.cli",
-            "export",
-            str(checkpoint),
-            "-o",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    exported = run_cli("export", str(checkpoint), "-o", str(tmp_path / "out"))
     assert exported.returncode == 0, exported.stderr[-3000:]
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "out")
     for name, tensor in read_hf_weights(checkpoint / "hf").items():

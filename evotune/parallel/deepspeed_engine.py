@@ -173,9 +173,8 @@ class DeepSpeedEngine(EngineBase):
     def hf_weight_groups(self, dtype: torch.dtype) -> Iterator[dict[str, torch.Tensor]]:
         """Under ZeRO-3 one decoder layer's parameters are gathered at a time and copied
         to the main rank's host memory; no device ever holds the whole model."""
-        if self.stage < 3:
-            for group in weight_groups(self.model):
-                yield host_copies(group, dtype) if self.dims.is_main else {}
+        if self.stage < 3:  # a full replica on every rank
+            yield from super().hf_weight_groups(dtype)
             return
         import deepspeed
 

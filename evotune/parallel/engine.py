@@ -137,6 +137,11 @@ class EngineBase:
         self.sequence_parallel = sequence_parallel
         self.gradient_scale = gradient_scale  # undoes the wrapper's averaging over ranks
 
+    def hf_weight_groups(self, dtype: torch.dtype) -> Iterator[dict[str, torch.Tensor]]:
+        """A full replica on every rank: the main rank copies each layer, nothing is gathered."""
+        for group in weight_groups(self.model):
+            yield host_copies(group, dtype) if self.dims.is_main else {}
+
     def _local(self, batch: PackedBatch) -> PackedBatch:
         if self.sequence_parallel is not None:
             batch = self.sequence_parallel.split(batch)
@@ -288,10 +293,6 @@ class TorchEngine(EngineBase):
         if self.masters is not None:
             torch._foreach_copy_(tuple(self.master_params), tuple(self.masters))
 
-    def hf_weight_groups(self, dtype: torch.dtype) -> Iterator[dict[str, torch.Tensor]]:
-        for group in weight_groups(self.model):
-            yield host_copies(group, dtype) if self.dims.is_main else {}
-
     def _weights_to_save(self) -> dict[str, torch.Tensor]:
         """The model's state with fp32 masters in place of bf16 parameters; tied names once."""
         master_by_tensor = {}
@@ -300,14 +301,11 @@ class TorchEngine(EngineBase):
                 id(parameter): master
                 for parameter, master in zip(self.master_params, self.masters, strict=True)
             }
-        weights: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
-        for name, tensor in self.model.state_dict(keep_vars=True).items():
-            if id(tensor) in seen:  # a tied alias (lm_head.weight = embed_tokens.weight)
-                continue
-            seen.add(id(tensor))
-            weights[name] = master_by_tensor.get(id(tensor), tensor).detach().contiguous()
-        return weights
+        return {
+            name: master_by_tensor.get(id(tensor), tensor).detach().contiguous()
+            for group in weight_groups(self.model)
+            for name, tensor in group.items()
+        }
 
     def save_state(self, folder: Path, weights_saved_exactly: bool) -> None:
         if not self.dims.is_main:
